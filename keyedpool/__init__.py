@@ -1,0 +1,28 @@
+"""keyedpool: a thread pool that keeps order per key and runs different keys concurrently.
+
+>>> from keyedpool import KeyedPoolExecutor
+>>> with KeyedPoolExecutor(max_workers=4) as pool:
+...     first = pool.submit("order-123", str.upper, "charge")
+...     second = pool.submit("order-123", str.upper, "ship")   # runs after `first`
+...     print(first.result(), second.result())
+CHARGE SHIP
+"""
+
+from ._errors import BrokenKeyedPool, PoolFull
+from ._executor import KeyedPoolExecutor, default_max_workers
+from ._routing import Key
+from ._stats import KeyBacklog, PoolStats, WorkerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokenKeyedPool",
+    "Key",
+    "KeyBacklog",
+    "KeyedPoolExecutor",
+    "PoolFull",
+    "PoolStats",
+    "WorkerStats",
+    "__version__",
+    "default_max_workers",
+]

@@ -1,0 +1,307 @@
+"""``KeyedPoolExecutor``: the public executor. Checks input, then hands tasks to the pool."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import weakref
+from collections.abc import Iterable, Iterator
+from contextvars import copy_context
+from time import monotonic
+from types import TracebackType
+from typing import Any, Callable, Literal, Optional, ParamSpec, TypeVar, Union
+
+from ._pool import Pool
+from ._routing import KEY_TYPES, Key, check_key, worker_index
+from ._stats import PoolStats, snapshot
+from ._task import Task
+
+__all__ = ["KeyedPoolExecutor", "default_max_workers"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+Self = TypeVar("Self", bound="KeyedPoolExecutor")
+
+OnFull = Literal["block", "raise"]
+
+_pool_numbers = itertools.count()
+
+
+def default_max_workers() -> int:
+    """The default worker count: 16 per CPU (the design note's advice for I/O), at most 128."""
+    cpus = getattr(os, "process_cpu_count", os.cpu_count)() or 1
+    return min(cpus * 16, 128)
+
+
+class KeyedPoolExecutor:
+    """Run blocking calls on a fixed set of threads: in order per key, concurrently across keys.
+
+    Each of ``max_workers`` OS threads has its own FIFO queue. A dispatcher
+    thread routes each task by the mmh3 hash of its key, so all tasks of one key
+    run on one worker, one at a time, in submit order; different keys run
+    concurrently. Tasks with ``key=None`` go to whichever worker is free.
+
+    Args:
+        max_workers: the number of worker threads. Default: 16 per CPU, at most 128.
+        max_pending: how many accepted-but-unfinished tasks the pool holds at
+            most. Default: ``max_workers * 100``.
+        on_full: what ``submit`` does when ``max_pending`` tasks are pending:
+            ``"block"`` (wait for room, the default) or ``"raise"`` (raise
+            :class:`PoolFull` at once).
+        full_timeout: with ``on_full="block"``, wait at most this many seconds,
+            then raise :class:`PoolFull`. ``None`` waits as long as it takes.
+        thread_name_prefix: thread names are ``f"{prefix}_{index}"`` and
+            ``f"{prefix}_dispatcher"``.
+        initializer, initargs: ``initializer(*initargs)`` runs at the start of
+            each worker thread. If it raises, the pool is broken: tasks that have
+            not started fail with :class:`BrokenKeyedPool`, and so does submit.
+        copy_context: run each task in a copy of the submitter's
+            :mod:`contextvars` context (so logging context and tracing spans
+            follow the task). ``False`` saves a little time per task.
+        log_unretrieved: log (on the ``"keyedpool"`` logger) the exception of a
+            failed task whose future is dropped without ``result()`` or
+            ``exception()`` having been called, so fire-and-forget work never
+            fails silently.
+    """
+
+    def __init__(
+        self,
+        max_workers: Optional[int] = None,
+        *,
+        max_pending: Optional[int] = None,
+        on_full: OnFull = "block",
+        full_timeout: Optional[float] = None,
+        thread_name_prefix: str = "",
+        initializer: Optional[Callable[..., object]] = None,
+        initargs: tuple[Any, ...] = (),
+        copy_context: bool = True,
+        log_unretrieved: bool = True,
+    ) -> None:
+        if max_workers is None:
+            max_workers = default_max_workers()
+        _check_count("max_workers", max_workers)
+        if max_pending is None:
+            max_pending = max_workers * 100
+        _check_count("max_pending", max_pending)
+        _check_on_full(on_full, full_timeout)
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be a callable, not {type(initializer).__name__}")
+        if not isinstance(thread_name_prefix, str):
+            raise TypeError("thread_name_prefix must be a str")
+        self._block = on_full == "block"
+        self._full_timeout = full_timeout
+        self._copy_context = bool(copy_context)
+        self._log_unretrieved = bool(log_unretrieved)
+        self._serial = itertools.count()
+        self._pool = Pool(
+            max_workers,
+            max_pending,
+            thread_name_prefix or f"KeyedPool-{next(_pool_numbers)}",
+            initializer,
+            tuple(initargs),
+        )
+        # If the executor is dropped without shutdown(), its threads still stop
+        # (after finishing what they hold): they hold the Pool, not the executor.
+        weakref.finalize(self, self._pool.stop, False)
+
+    # -- submitting -------------------------------------------------------------
+
+    def submit(
+        self, key: Optional[Key], fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Task:
+        """Schedule ``fn(*args, **kwargs)`` and return its future.
+
+        Tasks with the same *key* run one at a time, in the order their submit
+        calls returned; tasks with different keys run concurrently. ``None``
+        means no key: the task goes to whichever worker is free. An empty
+        string or ``b""`` is a key like any other.
+
+        When ``max_pending`` tasks are pending this waits for room or raises
+        :class:`PoolFull`, as ``on_full`` and ``full_timeout`` say. Raises
+        ``RuntimeError`` after ``shutdown()``.
+        """
+        return self._submit(key, fn, args, kwargs, self._block, self._full_timeout)
+
+    def submit_with(
+        self,
+        key: Optional[Key],
+        fn: Callable[..., T],
+        /,
+        args: Iterable[Any] = (),
+        kwargs: Optional[dict[str, Any]] = None,
+        *,
+        on_full: Optional[OnFull] = None,
+        full_timeout: Optional[float] = None,
+    ) -> Task:
+        """Like ``submit``, with this call's own backpressure: ``on_full`` and ``full_timeout``.
+
+        ``None`` for either uses the pool's setting. For example, a web view that
+        must not wait: ``pool.submit_with(user_id, send, (msg,), on_full="raise")``.
+        """
+        if on_full is None:
+            block = self._block
+            timeout = self._full_timeout if full_timeout is None else full_timeout
+        else:
+            block = on_full == "block"
+            timeout = full_timeout
+        _check_on_full(on_full or "block", full_timeout)
+        return self._submit(key, fn, tuple(args), dict(kwargs or {}), block, timeout)
+
+    def _submit(
+        self,
+        key: Optional[Key],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        block: bool,
+        timeout: Optional[float],
+    ) -> Task:
+        if key is not None and type(key) not in KEY_TYPES:
+            if callable(key) and not callable(fn):
+                raise TypeError(
+                    "keyedpool: submit takes the key first: submit(key, fn, *args); "
+                    "use None as the key for a task without one"
+                )
+            check_key(key)
+        if not callable(fn):
+            raise TypeError(
+                f"keyedpool: fn must be callable, not {type(fn).__name__}; pass the "
+                "function and its arguments, e.g. submit(key, fn, arg), not submit(key, fn(arg))"
+            )
+        pool = self._pool
+        task = Task(
+            pool.condition_for(next(self._serial)),
+            key,
+            fn,
+            args,
+            kwargs,
+            copy_context() if self._copy_context else None,
+            self._log_unretrieved,
+        )
+        pool.admit(task, block, timeout)
+        return task
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        key: Union[None, Key, Callable[..., Optional[Key]]] = None,
+        timeout: Optional[float] = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like ``Executor.map``: ``fn`` over the items, results in input order.
+
+        *key* is one key for every item, ``None`` for none, or a function called
+        with the same arguments as *fn* that returns each item's key, so that
+        items with the same key run in order. *timeout* counts from this call.
+        All items are submitted before this returns (as the standard library does).
+        *chunksize* is accepted for compatibility and ignored, as in
+        ``ThreadPoolExecutor``.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if callable(key):
+            keyof = key
+            futures = [self.submit(keyof(*args), fn, *args) for args in zip(*iterables)]
+        else:
+            check_key(key)
+            futures = [self.submit(key, fn, *args) for args in zip(*iterables)]
+        deadline = None if timeout is None else monotonic() + timeout
+        return _results(futures, deadline)
+
+    # -- inspecting -------------------------------------------------------------
+
+    @property
+    def max_workers(self) -> int:
+        """The number of worker threads."""
+        return self._pool.max_workers
+
+    @property
+    def max_pending(self) -> int:
+        """The most accepted-but-unfinished tasks the pool holds."""
+        return self._pool.max_pending
+
+    def worker_index(self, key: Key) -> int:
+        """The index of the worker that runs *key*'s tasks: the same in every process and run."""
+        if key is None:
+            raise ValueError(
+                "keyedpool: None means no key; such tasks go to any free worker, "
+                "so they have no worker index"
+            )
+        check_key(key)
+        return worker_index(key, self._pool.max_workers)
+
+    def stats(self, top_keys: int = 10) -> PoolStats:
+        """A snapshot of queues and counters, cheap enough to take every second.
+
+        Includes the *top_keys* keys with the largest backlog (0 skips that part).
+        """
+        return snapshot(self._pool, top_keys)
+
+    # -- stopping ---------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; with *wait*, return once every thread of the pool has exited.
+
+        Accepted tasks still run, unless *cancel_futures* is true: then tasks that
+        have not started are cancelled (their futures say so) and never run.
+        Safe to call more than once.
+        """
+        self._pool.stop(cancel_futures)
+        if wait:
+            self._pool.join()
+
+    def __enter__(self: Self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        pool = self._pool
+        state = "shut down" if pool.closed else "running" if pool.started else "idle"
+        return (
+            f"<KeyedPoolExecutor {state} max_workers={pool.max_workers} "
+            f"pending={pool.pending}/{pool.max_pending}>"
+        )
+
+
+def _results(futures: list[Task], deadline: Optional[float]) -> Iterator[Any]:
+    # As in concurrent.futures: yield in order; on early exit cancel the rest.
+    try:
+        futures.reverse()
+        while futures:
+            future = futures.pop()
+            try:
+                if deadline is None:
+                    yield future.result()
+                else:
+                    yield future.result(deadline - monotonic())
+            finally:
+                future.cancel()
+                del future
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than 0")
+
+
+def _check_on_full(on_full: object, full_timeout: object) -> None:
+    if on_full not in ("block", "raise"):
+        raise ValueError(f"on_full must be 'block' or 'raise', not {on_full!r}")
+    if full_timeout is not None:
+        if isinstance(full_timeout, bool) or not isinstance(full_timeout, (int, float)):
+            raise TypeError(f"full_timeout must be a number of seconds or None, not {full_timeout!r}")
+        if full_timeout < 0:
+            raise ValueError("full_timeout must be >= 0")

@@ -1,0 +1,56 @@
+"""Which worker a key belongs to: the routing rule, kept apart from the machinery.
+
+The rule is ``mmh3.hash(key_bytes, seed=0, signed=False) % workers``, where
+``key_bytes`` is the UTF-8 encoding of a ``str`` key, a ``bytes`` key as it is,
+and the decimal digits of an ``int`` key (so ``42`` and ``"42"`` share a worker).
+It never uses Python's ``hash()``, which is randomised per process: a key lands on
+the same worker index in every process and every run with the same worker count.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import mmh3
+
+__all__ = ["Key", "SEED", "check_key", "worker_index"]
+
+#: A task key: tasks with equal keys run one at a time, in submit order.
+Key = Union[str, bytes, int]
+
+#: Fixed, so that routing is the same in every process and every run.
+SEED = 0
+
+# Exact types take the fast path in submit(); subclasses go through check_key().
+KEY_TYPES = frozenset((str, bytes, int))
+
+_hash = mmh3.hash
+
+
+def check_key(key: object) -> None:
+    """Raise ``TypeError`` unless *key* is ``None`` or a supported key."""
+    if key is None:
+        return
+    if isinstance(key, bool):
+        raise TypeError(
+            "keyedpool: a key must be str, bytes or int, not bool; "
+            "pass a str such as 'true' if you really mean it, or None for no key"
+        )
+    if isinstance(key, (str, bytes, int)):
+        return
+    hint = ""
+    if isinstance(key, (bytearray, memoryview)):
+        hint = " (mutable buffers could change after submit: pass bytes(key))"
+    elif isinstance(key, tuple):
+        hint = " (for a composite key, join its parts into one str, e.g. f'{topic}:{id}')"
+    raise TypeError(
+        f"keyedpool: a key must be str, bytes, int or None, not {type(key).__name__}{hint}"
+    )
+
+
+def worker_index(key: Key, workers: int) -> int:
+    """The index, from ``0`` to ``workers - 1``, of the worker that runs *key*'s tasks."""
+    if isinstance(key, int):
+        # '%d' gives the same digits for int subclasses (IntEnum...) on every Python.
+        return _hash(b"%d" % key, SEED, False) % workers
+    return _hash(key, SEED, False) % workers
