@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ._routing import worker_index
 from ._task import Task
-from ._worker import STOP, WAKE
+from ._worker import STOP, WAKE, Worker
 
 if TYPE_CHECKING:
     from ._pool import Pool
@@ -73,10 +73,7 @@ def place(pool: Pool, tasks: list[Task]) -> None:
         else:
             group.append(task)
     for index, group in own.items():
-        worker = workers[index]
-        worker.routed += len(group)
-        worker.batches.append(group)
-        worker.queue.put(group)
+        _give(workers[index], group)
     if loose:
         pool.unkeyed.extend(loose)
         _wake(pool, len(loose))
@@ -99,11 +96,16 @@ def place_now(pool: Pool, task: Task) -> bool:
     worker = pool.workers[worker_index(key, len(pool.workers))]
     if not worker.waiting:
         return False
-    group = [task]
-    worker.routed += 1
-    worker.batches.append(group)
-    worker.queue.put(group)
+    _give(worker, [task])
     return True
+
+
+def _give(worker: Worker, group: list[Task]) -> None:
+    worker.routed += len(group)
+    worker.batches.append(group)
+    # It has work now: don't count it as a free worker for unkeyed tasks.
+    worker.waiting = False
+    worker.queue.put(group)
 
 
 def _wake(pool: Pool, wanted: int) -> None:

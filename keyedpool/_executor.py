@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 import os
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import copy_context
 from time import monotonic
 from types import TracebackType
-from typing import Any, Callable, Literal, Optional, ParamSpec, TypeVar, Union
+from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 from ._pool import Pool
 from ._routing import KEY_TYPES, Key, check_key, worker_index
@@ -66,13 +66,13 @@ class KeyedPoolExecutor:
 
     def __init__(
         self,
-        max_workers: Optional[int] = None,
+        max_workers: int | None = None,
         *,
-        max_pending: Optional[int] = None,
+        max_pending: int | None = None,
         on_full: OnFull = "block",
-        full_timeout: Optional[float] = None,
+        full_timeout: float | None = None,
         thread_name_prefix: str = "",
-        initializer: Optional[Callable[..., object]] = None,
+        initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         copy_context: bool = True,
         log_unretrieved: bool = True,
@@ -107,7 +107,7 @@ class KeyedPoolExecutor:
     # -- submitting -------------------------------------------------------------
 
     def submit(
-        self, key: Optional[Key], fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+        self, key: Key | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> Task:
         """Schedule ``fn(*args, **kwargs)`` and return its future.
 
@@ -124,14 +124,14 @@ class KeyedPoolExecutor:
 
     def submit_with(
         self,
-        key: Optional[Key],
+        key: Key | None,
         fn: Callable[..., T],
         /,
         args: Iterable[Any] = (),
-        kwargs: Optional[dict[str, Any]] = None,
+        kwargs: dict[str, Any] | None = None,
         *,
-        on_full: Optional[OnFull] = None,
-        full_timeout: Optional[float] = None,
+        on_full: OnFull | None = None,
+        full_timeout: float | None = None,
     ) -> Task:
         """Like ``submit``, with this call's own backpressure: ``on_full`` and ``full_timeout``.
 
@@ -149,15 +149,15 @@ class KeyedPoolExecutor:
 
     def _submit(
         self,
-        key: Optional[Key],
+        key: Key | None,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         block: bool,
-        timeout: Optional[float],
+        timeout: float | None,
     ) -> Task:
         if key is not None and type(key) not in KEY_TYPES:
-            if callable(key) and not callable(fn):
+            if callable(cast(object, key)) and not callable(fn):
                 raise TypeError(
                     "keyedpool: submit takes the key first: submit(key, fn, *args); "
                     "use None as the key for a task without one"
@@ -185,8 +185,8 @@ class KeyedPoolExecutor:
         self,
         fn: Callable[..., T],
         *iterables: Iterable[Any],
-        key: Union[None, Key, Callable[..., Optional[Key]]] = None,
-        timeout: Optional[float] = None,
+        key: None | Key | Callable[..., Key | None] = None,
+        timeout: float | None = None,
         chunksize: int = 1,
     ) -> Iterator[T]:
         """Like ``Executor.map``: ``fn`` over the items, results in input order.
@@ -202,10 +202,12 @@ class KeyedPoolExecutor:
             raise ValueError("chunksize must be >= 1.")
         if callable(key):
             keyof = key
-            futures = [self.submit(keyof(*args), fn, *args) for args in zip(*iterables)]
+            futures = [
+                self.submit(keyof(*args), fn, *args) for args in zip(*iterables, strict=False)
+            ]
         else:
             check_key(key)
-            futures = [self.submit(key, fn, *args) for args in zip(*iterables)]
+            futures = [self.submit(key, fn, *args) for args in zip(*iterables, strict=False)]
         deadline = None if timeout is None else monotonic() + timeout
         return _results(futures, deadline)
 
@@ -256,9 +258,9 @@ class KeyedPoolExecutor:
 
     def __exit__(
         self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.shutdown(wait=True)
 
@@ -271,7 +273,7 @@ class KeyedPoolExecutor:
         )
 
 
-def _results(futures: list[Task], deadline: Optional[float]) -> Iterator[Any]:
+def _results(futures: list[Task], deadline: float | None) -> Iterator[Any]:
     # As in concurrent.futures: yield in order; on early exit cancel the rest.
     try:
         futures.reverse()
@@ -302,6 +304,8 @@ def _check_on_full(on_full: object, full_timeout: object) -> None:
         raise ValueError(f"on_full must be 'block' or 'raise', not {on_full!r}")
     if full_timeout is not None:
         if isinstance(full_timeout, bool) or not isinstance(full_timeout, (int, float)):
-            raise TypeError(f"full_timeout must be a number of seconds or None, not {full_timeout!r}")
+            raise TypeError(
+                f"full_timeout must be a number of seconds or None, not {full_timeout!r}"
+            )
         if full_timeout < 0:
             raise ValueError("full_timeout must be >= 0")

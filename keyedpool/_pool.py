@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from queue import SimpleQueue
 from time import monotonic
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 from . import _process
 from ._dispatcher import dispatch, place_now
@@ -36,7 +37,7 @@ class Pool:
         max_workers: int,
         max_pending: int,
         thread_name_prefix: str,
-        initializer: Optional[Callable[..., object]],
+        initializer: Callable[..., object] | None,
         initargs: tuple[Any, ...],
     ) -> None:
         self.max_workers = max_workers
@@ -53,11 +54,11 @@ class Pool:
         # been copied mid-use, and the threads do not exist in the child.
         self.lock = threading.Lock()
         self.space = threading.Condition(self.lock)
-        self.inbox: SimpleQueue[Optional[Task]] = SimpleQueue()
+        self.inbox: SimpleQueue[Task | None] = SimpleQueue()
         self.unkeyed: deque[Task] = deque()
         self.workers = [Worker(i, self) for i in range(self.max_workers)]
         self.conditions = [threading.Condition() for _ in range(_STRIPES)]
-        self.dispatcher: Optional[threading.Thread] = None
+        self.dispatcher: threading.Thread | None = None
         self.started = False
         self.stopped = False
         #: Accepted in all; refused with PoolFull. Pending = accepted - done,
@@ -71,7 +72,7 @@ class Pool:
         #: Submitters waiting for room: workers wake them as tasks finish.
         self.space_wanted = 0
         #: None while running; CANCELLING, or a BrokenKeyedPool, when tasks must not start.
-        self.halt: Union[None, str, BaseException] = None
+        self.halt: None | str | BaseException = None
         self.next_wake = 0
 
     # -- submit side -----------------------------------------------------------
@@ -79,7 +80,7 @@ class Pool:
     def condition_for(self, serial: int) -> threading.Condition:
         return self.conditions[serial & (_STRIPES - 1)]
 
-    def admit(self, task: Task, block: bool, timeout: Optional[float]) -> None:
+    def admit(self, task: Task, block: bool, timeout: float | None) -> None:
         """Accept *task* or raise; on success it is on its way to a worker."""
         with self.lock:
             self._check_open()
@@ -98,10 +99,10 @@ class Pool:
     def _check_open(self) -> None:
         if isinstance(self.halt, BrokenKeyedPool):
             raise self.halt
-        if self.closed:
-            raise RuntimeError("cannot schedule new futures after shutdown")
         if _process.exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        if self.closed:
+            raise RuntimeError("cannot schedule new futures after shutdown")
 
     @property
     def done(self) -> int:
@@ -118,7 +119,7 @@ class Pool:
         self.done_seen = self.done
         return self.accepted - self.done_seen >= self.max_pending
 
-    def _wait_for_space(self, block: bool, timeout: Optional[float]) -> None:
+    def _wait_for_space(self, block: bool, timeout: float | None) -> None:
         # Called with self.lock held and the pool full.
         if not block:
             self.rejected += 1
@@ -198,8 +199,13 @@ class Pool:
             self._cancel_queued()
 
     def _cancel_queued(self) -> None:
-        # Cancel at once what we can reach, so futures show it when shutdown()
-        # returns; anything still in transit is cancelled by its worker (halt).
+        # Cancel at once, so futures show it when shutdown() returns. First let
+        # the dispatcher place what is in transit (it never blocks, and it
+        # exits right after placing STOP); then every queued task is reachable.
+        # Anything missed still never starts: workers check ``halt``.
+        dispatcher = self.dispatcher
+        if dispatcher is not None and dispatcher is not threading.current_thread():
+            dispatcher.join()
         reachable: list[Task] = list(self.unkeyed)
         for worker in self.workers:
             reachable.extend(worker.batch)

@@ -9,14 +9,12 @@ the same worker index in every process and every run with the same worker count.
 
 from __future__ import annotations
 
-from typing import Union
-
 import mmh3
 
 __all__ = ["Key", "SEED", "check_key", "worker_index"]
 
 #: A task key: tasks with equal keys run one at a time, in submit order.
-Key = Union[str, bytes, int]
+Key = str | bytes | int
 
 #: Fixed, so that routing is the same in every process and every run.
 SEED = 0

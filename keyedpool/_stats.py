@@ -10,6 +10,8 @@ from ._routing import Key
 
 if TYPE_CHECKING:
     from ._pool import Pool
+    from ._task import Task
+    from ._worker import Worker
 
 __all__ = ["KeyBacklog", "PoolStats", "WorkerStats", "snapshot"]
 
@@ -77,9 +79,10 @@ class PoolStats:
                 f"{w.completed:>9} {w.failed:>6}"
             )
         if self.top_keys:
-            lines.append("top keys by backlog: " + ", ".join(
-                f"{k.key!r}={k.backlog} (worker {k.worker})" for k in self.top_keys
-            ))
+            lines.append(
+                "top keys by backlog: "
+                + ", ".join(f"{k.key!r}={k.backlog} (worker {k.worker})" for k in self.top_keys)
+            )
         return "\n".join(lines)
 
 
@@ -95,7 +98,7 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
             batch = worker.batch
             # The unfinished part of the running batch is its tail.
             left = min(max(backlog - sum(map(len, queued)), 0), len(batch))
-            for group in [batch[len(batch) - left:], *queued]:
+            for group in [batch[len(batch) - left :], *queued]:
                 for task in group:
                     if task.key is not None:
                         keys[task.key] += 1
@@ -128,12 +131,12 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
     )
 
 
-def _copy_batches(worker: object) -> list[list[object]]:
+def _copy_batches(worker: Worker) -> list[list[Task]]:
     # The deque may change while we copy it; copying is atomic in practice
     # under the GIL, but a retry makes that a non-issue.
     for _ in range(10):
         try:
-            return list(worker.batches)  # type: ignore[attr-defined]
+            return list(worker.batches)
         except RuntimeError:
             continue
     return []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures._base import (
@@ -28,7 +29,7 @@ from concurrent.futures._base import (
 )
 from contextvars import Context
 from time import monotonic
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ._routing import Key
 
@@ -51,7 +52,7 @@ class _Unretrieved:
     __slots__ = ("exc", "what")
 
     def __init__(self, exc: BaseException, what: str) -> None:
-        self.exc: Optional[BaseException] = exc
+        self.exc: BaseException | None = exc
         self.what = what
 
     def __del__(self) -> None:
@@ -68,23 +69,31 @@ class _Unretrieved:
             pass
 
 
+def _describe(fn: object) -> str:
+    name = getattr(fn, "__qualname__", None)
+    module = getattr(fn, "__module__", None)
+    if isinstance(name, str):
+        return f"{module}.{name}" if isinstance(module, str) else name
+    return repr(fn)
+
+
 class Task(Future):  # type: ignore[type-arg]
     """The future returned by ``submit``; it carries the call until a worker runs it."""
 
     # Made on first use (see the module docstring); reads of the stock names go
     # through the properties below, so the standard library's code still works.
-    _w: Optional[list[Any]] = None
-    _callbacks: Optional[list[Callable[[Future[Any]], object]]] = None
-    _unretrieved: Optional[_Unretrieved] = None
+    _w: list[Any] | None = None
+    _callbacks: list[Callable[[Future[Any]], object]] | None = None
+    _unretrieved: _Unretrieved | None = None
 
     def __init__(
         self,
         condition: threading.Condition,
-        key: Optional[Key],
-        fn: Optional[Callable[..., Any]],
+        key: Key | None,
+        fn: Callable[..., Any] | None,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        context: Optional[Context],
+        context: Context | None,
         log_unretrieved: bool,
     ) -> None:
         # Future.__init__ is skipped on purpose: it would allocate a Condition.
@@ -93,7 +102,7 @@ class Task(Future):  # type: ignore[type-arg]
         self._condition = condition
         self._state = PENDING
         self._result: Any = None
-        self._exception: Optional[BaseException] = None
+        self._exception: BaseException | None = None
         self.key = key
         self._fn = fn
         self._args = args
@@ -103,7 +112,7 @@ class Task(Future):  # type: ignore[type-arg]
 
     # -- the stock attributes, made lazily ------------------------------------
 
-    @property  # type: ignore[override]
+    @property
     def _waiters(self) -> list[Any]:
         # Only wait()/as_completed() use this, always holding self._condition,
         # so two threads never both create the list.
@@ -116,7 +125,7 @@ class Task(Future):  # type: ignore[type-arg]
     def _waiters(self, value: list[Any]) -> None:
         self._w = value
 
-    @property  # type: ignore[override]
+    @property
     def _done_callbacks(self) -> list[Callable[[Future[Any]], object]]:
         return self._callbacks if self._callbacks is not None else []
 
@@ -140,7 +149,7 @@ class Task(Future):  # type: ignore[type-arg]
 
     # -- waiting: a loop, because the condition may be shared -----------------
 
-    def _wait_done(self, timeout: Optional[float]) -> None:
+    def _wait_done(self, timeout: float | None) -> None:
         # Called with self._condition held.
         if self._state not in _DONE:
             if timeout is None:
@@ -156,12 +165,12 @@ class Task(Future):  # type: ignore[type-arg]
         if self._state in _CANCELLED:
             raise CancelledError()
 
-    def result(self, timeout: Optional[float] = None) -> Any:
+    def result(self, timeout: float | None = None) -> Any:
         """Wait up to *timeout* seconds and return the call's result, or raise its exception."""
         try:
             with self._condition:
                 self._wait_done(timeout)
-                self._unretrieved = None
+                self._retrieved()
                 if self._exception is not None:
                     raise self._exception
                 return self._result
@@ -169,16 +178,23 @@ class Task(Future):  # type: ignore[type-arg]
             # Break the cycle exception -> traceback -> this frame -> self.
             self = None  # type: ignore[assignment]
 
-    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+    def exception(self, timeout: float | None = None) -> BaseException | None:
         """Wait up to *timeout* seconds and return the call's exception, or ``None``."""
         with self._condition:
             self._wait_done(timeout)
-            self._unretrieved = None
+            self._retrieved()
             return self._exception
+
+    def _retrieved(self) -> None:
+        # Someone looked at the outcome: disarm the unretrieved-exception log.
+        unretrieved = self._unretrieved
+        if unretrieved is not None:
+            unretrieved.exc = None
+            self._unretrieved = None
 
     # -- running: called by the worker that owns the task ---------------------
 
-    def run(self) -> Optional[bool]:
+    def run(self) -> bool | None:
         """Run the call: ``True`` if it returned, ``False`` if it raised, ``None`` if cancelled."""
         with self._condition:
             if self._state != PENDING:
@@ -195,7 +211,7 @@ class Task(Future):  # type: ignore[type-arg]
             else:
                 result = context.run(fn, *args, **kwargs)  # type: ignore[arg-type]
         except BaseException as exc:
-            what = f"task {fn!r} (key={self.key!r})" if self._log else ""
+            what = f"task {_describe(fn)} (key={self.key!r})" if self._log else ""
             # The traceback keeps this frame alive: drop the call from it too.
             del fn, args, kwargs, context
             self._finish(None, exc, what)
@@ -204,7 +220,7 @@ class Task(Future):  # type: ignore[type-arg]
         self._finish(result, None, "")
         return True
 
-    def abandon(self, exc: Optional[BaseException]) -> None:
+    def abandon(self, exc: BaseException | None) -> None:
         """Never run the call: cancel the task (*exc* is None) or fail it with *exc*."""
         if exc is None:
             self.cancel()
@@ -226,7 +242,7 @@ class Task(Future):  # type: ignore[type-arg]
                 for waiter in self._w:
                     waiter.add_cancelled(self)
 
-    def _finish(self, result: Any, exc: Optional[BaseException], what: str) -> None:
+    def _finish(self, result: Any, exc: BaseException | None, what: str) -> None:
         with self._condition:
             self._result = result
             self._exception = exc
@@ -245,3 +261,10 @@ class Task(Future):  # type: ignore[type-arg]
                 self._condition.notify_all()
         if self._callbacks:
             self._invoke_callbacks()
+
+    def _invoke_callbacks(self) -> None:
+        for callback in self._callbacks or ():
+            try:
+                callback(self)
+            except Exception:
+                log.exception("exception calling callback for %r", self)

@@ -13,7 +13,7 @@ import logging
 import threading
 from collections import deque
 from queue import SimpleQueue
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING
 
 from ._task import Task
 
@@ -29,7 +29,7 @@ WAKE: tuple[()] = ()
 #: Put on a worker's queue, after everything routed to it, to end its thread.
 STOP = None
 
-Item = Union[list[Task], tuple[()], None]
+Item = list[Task] | tuple[()] | None
 
 
 class Worker:
@@ -44,7 +44,7 @@ class Worker:
         self.batches: deque[list[Task]] = deque()
         #: The batch being run, and the task being run (None between tasks).
         self.batch: list[Task] = []
-        self.current: Optional[Task] = None
+        self.current: Task | None = None
         #: Own tasks routed here (written by whoever routes) and finished (by this worker).
         self.routed = 0
         self.finished = 0
@@ -54,7 +54,7 @@ class Worker:
         self.cancelled = 0
         #: True while it sleeps (or is about to sleep) on its empty queue.
         self.waiting = False
-        self.thread: Optional[threading.Thread] = None
+        self.thread: threading.Thread | None = None
 
     @property
     def backlog(self) -> int:
