@@ -12,6 +12,8 @@ from ._errors import BrokenKeyedPool, PoolFull
 from ._executor import KeyedPoolExecutor, default_max_workers
 from ._routing import Key
 from ._stats import KeyBacklog, PoolStats, WorkerStats
+from ._threadpool import ThreadPoolExecutor
+from ._views import KeyExecutor
 
 __version__ = "0.1.0"
 
@@ -19,9 +21,11 @@ __all__ = [
     "BrokenKeyedPool",
     "Key",
     "KeyBacklog",
+    "KeyExecutor",
     "KeyedPoolExecutor",
     "PoolFull",
     "PoolStats",
+    "ThreadPoolExecutor",
     "WorkerStats",
     "__version__",
     "default_max_workers",

@@ -73,7 +73,7 @@ def place(pool: Pool, tasks: list[Task]) -> None:
         else:
             group.append(task)
     for index, group in own.items():
-        _give(workers[index], group)
+        _give(pool, workers[index], group)
     if loose:
         pool.unkeyed.extend(loose)
         _wake(pool, len(loose))
@@ -83,47 +83,54 @@ def place_now(pool: Pool, task: Task) -> bool:
     """Place one task straight from ``submit``, if that beats the dispatcher.
 
     Only called while nothing is in transit, so it cannot overtake an earlier
-    task. It saves a thread hop (lower latency) when the task's worker is idle;
-    for a busy worker it declines, and the task goes through the dispatcher,
-    which batches: a producer outrunning its workers then costs one queue put
-    per batch, not per task.
+    task. It saves a thread hop (lower latency) when a worker is free to take
+    the task; when the workers are busy it declines, and the task goes through
+    the dispatcher, which batches: a producer outrunning its workers then costs
+    one queue put per batch, not per task.
     """
     key = task.key
     if key is None:
+        if not (pool.idle or pool.unstarted):
+            return False
         pool.unkeyed.append(task)
         _wake(pool, 1)
         return True
     worker = pool.workers[worker_index(key, len(pool.workers))]
-    if not worker.waiting:
+    if not worker.waiting and worker.thread is not None:
         return False
-    _give(worker, [task])
+    _give(pool, worker, [task])
     return True
 
 
-def _give(worker: Worker, group: list[Task]) -> None:
+def _give(pool: Pool, worker: Worker, group: list[Task]) -> None:
     worker.routed += len(group)
     worker.batches.append(group)
-    # It has work now: don't count it as a free worker for unkeyed tasks.
-    worker.waiting = False
+    if worker.thread is None:
+        pool.start_worker(worker)
+    elif worker.waiting:
+        # It has work now: it is no longer a free worker for unkeyed tasks.
+        with pool.idle_lock:
+            if worker.waiting:
+                worker.waiting = False
+                pool.idle.remove(worker)
     worker.queue.put(group)
 
 
 def _wake(pool: Pool, wanted: int) -> None:
-    # Wake up to *wanted* sleeping workers, round-robin, so that unkeyed work
-    # spreads over the free workers instead of piling on worker 0. The unkeyed
-    # tasks were appended before this looks at ``waiting``; a worker sets
-    # ``waiting`` before it looks at the unkeyed queue. So either it sees the
-    # task or we see it waiting.
-    workers = pool.workers
-    count = len(workers)
-    start = pool.next_wake
-    for step in range(count):
-        worker = workers[(start + step) % count]
-        if worker.waiting:
-            worker.waiting = False
-            worker.queue.put(WAKE)
-            wanted -= 1
-            if not wanted:
-                pool.next_wake = (start + step + 1) % count
-                return
-    pool.next_wake = (start + 1) % count
+    # Wake up to *wanted* idle workers, longest idle first (so unkeyed work
+    # spreads over the free workers), then start new ones if more are wanted,
+    # as ThreadPoolExecutor does. The unkeyed tasks were appended before this
+    # looks at the idle workers; a worker looks at the unkeyed queue before it
+    # joins them, under the same lock. So either it sees the task or we see it.
+    if pool.idle:
+        with pool.idle_lock:
+            idle = pool.idle
+            while wanted and idle:
+                worker = idle.popleft()
+                worker.waiting = False
+                worker.queue.put(WAKE)
+                wanted -= 1
+    while wanted and pool.unstarted:
+        # A new worker looks at the unkeyed queue as soon as it starts.
+        pool.start_worker(pool.unstarted[-1])
+        wanted -= 1

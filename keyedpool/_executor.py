@@ -15,6 +15,7 @@ from ._pool import Pool
 from ._routing import KEY_TYPES, Key, check_key, worker_index
 from ._stats import PoolStats, snapshot
 from ._task import Task
+from ._views import KeyExecutor
 
 __all__ = ["KeyedPoolExecutor", "default_max_workers"]
 
@@ -210,6 +211,17 @@ class KeyedPoolExecutor:
             futures = [self.submit(key, fn, *args) for args in zip(*iterables, strict=False)]
         deadline = None if timeout is None else monotonic() + timeout
         return _results(futures, deadline)
+
+    def executor(self, key: Key | None = None) -> KeyExecutor:
+        """A :class:`concurrent.futures.Executor` on this pool whose tasks all carry *key*.
+
+        ``pool.executor("user-42")`` runs its tasks in order on the shared threads;
+        ``pool.executor()`` runs unkeyed tasks. Pass it to anything that takes an
+        ``Executor``, e.g. ``loop.run_in_executor(pool.executor(user_id), fn)``.
+        Its ``shutdown()`` stops and waits for the view only; the pool keeps running.
+        """
+        check_key(key)
+        return KeyExecutor(self, key)
 
     # -- inspecting -------------------------------------------------------------
 

@@ -7,6 +7,7 @@ the ``Pool``, never the executor, so an executor that is dropped without
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -47,6 +48,8 @@ class Pool:
         self.initargs = initargs
         #: True once shutdown() was called: submit refuses new tasks.
         self.closed = False
+        #: Where a failing initializer is logged.
+        self.logger = logging.getLogger("keyedpool")
         self._fresh()
 
     def _fresh(self) -> None:
@@ -57,6 +60,14 @@ class Pool:
         self.inbox: SimpleQueue[Task | None] = SimpleQueue()
         self.unkeyed: deque[Task] = deque()
         self.workers = [Worker(i, self) for i in range(self.max_workers)]
+        #: Workers whose thread has not started yet (threads start on demand,
+        #: as in ThreadPoolExecutor); the last one starts first.
+        self.unstarted = self.workers[::-1]
+        #: Workers asleep on their empty queue, longest asleep first. A worker
+        #: is in it exactly when its ``waiting`` flag is set; both change only
+        #: under ``idle_lock``.
+        self.idle: deque[Worker] = deque()
+        self.idle_lock = threading.Lock()
         self.conditions = [threading.Condition() for _ in range(_STRIPES)]
         self.dispatcher: threading.Thread | None = None
         self.started = False
@@ -73,7 +84,6 @@ class Pool:
         self.space_wanted = 0
         #: None while running; CANCELLING, or a BrokenKeyedPool, when tasks must not start.
         self.halt: None | str | BaseException = None
-        self.next_wake = 0
 
     # -- submit side -----------------------------------------------------------
 
@@ -171,19 +181,30 @@ class Pool:
     # -- lifecycle ----------------------------------------------------------------
 
     def _start(self) -> None:
-        # With self.lock held, on the first submit.
+        # With self.lock held, on the first submit. Workers start on demand.
         self.started = True
-        prefix = self.thread_name_prefix
-        for worker in self.workers:
-            worker.thread = threading.Thread(
-                name=f"{prefix}_{worker.index}", target=work, args=(worker, self)
-            )
-            worker.thread.start()
         self.dispatcher = threading.Thread(
-            name=f"{prefix}_dispatcher", target=dispatch, args=(self,)
+            name=f"{self.thread_name_prefix}_dispatcher", target=dispatch, args=(self,)
         )
         self.dispatcher.start()
         _process.register(self)
+
+    def start_worker(self, worker: Worker) -> None:
+        """Start *worker*'s thread (by whoever places a task for it first)."""
+        self.unstarted.remove(worker)
+        worker.thread = threading.Thread(
+            name=f"{self.thread_name_prefix}_{worker.index}", target=work, args=(worker, self)
+        )
+        worker.thread.start()
+
+    def ready_to_sleep(self, worker: Worker) -> bool:
+        """Join the idle workers, unless an unkeyed task is waiting (then help with it)."""
+        with self.idle_lock:
+            if self.unkeyed:
+                return False
+            worker.waiting = True
+            self.idle.append(worker)
+            return True
 
     def stop(self, cancel_futures: bool) -> None:
         """Refuse new tasks; let the threads finish what was accepted, then exit."""

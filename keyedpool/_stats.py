@@ -61,6 +61,8 @@ class PoolStats:
     pending: int
     #: Unkeyed tasks waiting for a free worker.
     unkeyed_backlog: int
+    #: Accepted tasks the dispatcher has not placed on a queue yet (usually few, briefly).
+    in_transit: int
     workers: tuple[WorkerStats, ...]
     #: The keys with the largest backlog, largest first.
     top_keys: tuple[KeyBacklog, ...]
@@ -123,6 +125,7 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
         rejected=pool.rejected,
         pending=pool.pending,
         unkeyed_backlog=len(pool.unkeyed),
+        in_transit=pool.in_transit,
         workers=tuple(workers),
         top_keys=tuple(
             KeyBacklog(key=key, backlog=count, worker=where[key])

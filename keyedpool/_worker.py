@@ -9,7 +9,6 @@ while another worker is idle.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import deque
 from queue import SimpleQueue
@@ -21,8 +20,6 @@ if TYPE_CHECKING:
     from ._pool import Pool
 
 __all__ = ["Worker", "WAKE", "STOP", "work"]
-
-log = logging.getLogger("keyedpool")
 
 #: Put on a worker's queue to make it look at the unkeyed queue.
 WAKE: tuple[()] = ()
@@ -52,7 +49,7 @@ class Worker:
         self.completed = 0
         self.failed = 0
         self.cancelled = 0
-        #: True while it sleeps (or is about to sleep) on its empty queue.
+        #: True while it is in the pool's idle workers (asleep on its empty queue).
         self.waiting = False
         self.thread: threading.Thread | None = None
 
@@ -97,7 +94,7 @@ def work(worker: Worker, pool: Pool) -> None:
         try:
             pool.initializer(*pool.initargs)
         except BaseException:
-            log.critical("keyedpool: exception in initializer:", exc_info=True)
+            pool.logger.critical("Exception in initializer:", exc_info=True)
             pool.set_broken("a worker's initializer failed; the pool is not usable anymore")
 
     get = worker.queue.get
@@ -106,15 +103,10 @@ def work(worker: Worker, pool: Pool) -> None:
     run = worker.run
 
     while True:
-        if queue_empty():
-            # Say we are about to sleep, then look once more at the unkeyed queue.
-            # A placer appends first and then looks for sleeping workers, so at
-            # least one of the two sees the other: no unkeyed task is stranded.
-            worker.waiting = True
-            item: Item = WAKE if unkeyed else get()
-            worker.waiting = False
+        if not queue_empty() or pool.ready_to_sleep(worker):
+            item: Item = get()
         else:
-            item = get()
+            item = WAKE  # an unkeyed task arrived as we were about to sleep
         if item is STOP:
             break
         if item:
@@ -134,6 +126,9 @@ def work(worker: Worker, pool: Pool) -> None:
             run(task)
             if not queue_empty():
                 break
+        # Drop our references before we sleep, so finished futures (and their
+        # results) can be freed as soon as their callers let go of them.
+        item = task = None  # type: ignore[assignment]
 
     # Every task was placed before STOP was sent: finish the unkeyed leftovers.
     while True:

@@ -154,7 +154,7 @@ def test_failing_initializer_breaks_the_pool(caplog: pytest.LogCaptureFixture) -
     with pytest.raises(BrokenKeyedPool, match="initializer failed"):
         pool.submit("k", int)
     pool.shutdown()
-    assert "exception in initializer" in caplog.text
+    assert "Exception in initializer" in caplog.text
     assert "no database" in caplog.text
 
 

@@ -66,10 +66,14 @@ def test_unkeyed_task_goes_to_the_idle_worker_not_behind_a_busy_one() -> None:
 def test_unkeyed_tasks_wait_while_every_worker_is_busy_then_run() -> None:
     release = threading.Event()
     with KeyedPoolExecutor(2) as pool:
-        blockers = [pool.submit(f"k{i}", release.wait, TIMEOUT) for i in range(6)]
+        keys = [f"k{i}" for i in range(20)]
+        # Block both workers, with keys of each.
+        chosen = [next(k for k in keys if pool.worker_index(k) == w) for w in (0, 1)]
+        blockers = [pool.submit(k, release.wait, TIMEOUT) for k in chosen]
         wait_until(lambda: sum(w.running for w in pool.stats().workers) == 2)
         waiting = [pool.submit(None, int, i) for i in range(10)]
         # Both workers are stuck, so all ten wait in the unkeyed queue.
+        wait_until(lambda: pool.stats().in_transit == 0)
         assert pool.stats().unkeyed_backlog == 10
         assert not any(f.done() for f in waiting)
         release.set()
