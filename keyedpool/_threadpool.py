@@ -12,7 +12,8 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor as StdlibThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 from ._executor import KeyedPoolExecutor
@@ -26,8 +27,12 @@ T = TypeVar("T")
 _numbers = itertools.count()
 
 
-class ThreadPoolExecutor(Executor):
+class ThreadPoolExecutor(StdlibThreadPoolExecutor):
     """A drop-in replacement for :class:`concurrent.futures.ThreadPoolExecutor`.
+
+    It is a subclass of the standard class (so ``isinstance`` checks pass, and
+    asyncio's ``loop.set_default_executor`` accepts it), but none of the
+    standard machinery runs: every method is keyedpool's.
 
     ``from keyedpool import ThreadPoolExecutor`` instead of the standard one, and
     existing code keeps working: the same constructor (``max_workers`` defaults
@@ -67,6 +72,8 @@ class ThreadPoolExecutor(Executor):
             initargs=initargs,
             log_unretrieved=log_unretrieved,
         )
+        # (StdlibThreadPoolExecutor.__init__ is not called: its queue and
+        # threads would never be used.)
         # Initializer failures go where the standard pool logs them.
         self._pool._pool.logger = logging.getLogger("concurrent.futures")
         # Read by code that sizes things after the pool; same meaning as in the stdlib.
@@ -78,13 +85,13 @@ class ThreadPoolExecutor(Executor):
         return self._pool
 
     @property
-    def _threads(self) -> set[threading.Thread]:
+    def _threads(self) -> set[threading.Thread]:  # type: ignore[override]
         # The standard pool's set of worker threads; code that joins or counts
         # them keeps working. (The dispatcher thread is not in it.)
         return {w.thread for w in self._pool._pool.workers if w.thread is not None}
 
     @property
-    def _broken(self) -> str | bool:
+    def _broken(self) -> str | bool:  # type: ignore[override]
         # The standard pool's flag (a message once broken); some code polls it.
         halt = self._pool._pool.halt
         return str(halt) if isinstance(halt, BaseException) else False

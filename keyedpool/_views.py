@@ -38,6 +38,9 @@ class KeyExecutor(Executor):
         self._pool = pool
         self._key = key
         self._lock = threading.Lock()
+        # Signalled when the last in-progress submit has recorded its future.
+        self._submits_done = threading.Condition(self._lock)
+        self._submitting = 0
         self._closed = False
         self._pending: set[Future[Any]] = set()
 
@@ -56,8 +59,19 @@ class KeyExecutor(Executor):
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            self._submitting += 1
+        # Not under the lock: submit may wait for room, and the workers that
+        # make room call _forget, which takes the lock.
+        future = None
+        try:
             future = self._pool.submit(self._key, fn, *args, **kwargs)
-            self._pending.add(future)
+        finally:
+            with self._lock:
+                if future is not None:
+                    self._pending.add(future)
+                self._submitting -= 1
+                if not self._submitting:
+                    self._submits_done.notify_all()
         future.add_done_callback(self._forget)
         return future
 
@@ -69,6 +83,9 @@ class KeyExecutor(Executor):
         """Stop this view; the shared pool keeps running (see the class docstring)."""
         with self._lock:
             self._closed = True
+            # A submit that got past the check above must record its future first.
+            while self._submitting:
+                self._submits_done.wait()
             pending = list(self._pending)
         if cancel_futures:
             for future in pending:
