@@ -45,6 +45,10 @@ class ThreadPoolExecutor(StdlibThreadPoolExecutor):
 
     Keyed work on the same threads: ``submit_keyed(key, fn, ...)``, or the
     underlying pool, ``.pool``, for everything a :class:`KeyedPoolExecutor` does.
+
+    Two keyword-only extras, both off as in the standard pool: ``copy_context``
+    (run tasks in a copy of the submitter's contextvars context) and
+    ``log_unretrieved`` (log exceptions that nobody retrieved).
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class ThreadPoolExecutor(StdlibThreadPoolExecutor):
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         *,
+        copy_context: bool = False,
         log_unretrieved: bool = False,
     ) -> None:
         if max_workers is None:
@@ -70,6 +75,7 @@ class ThreadPoolExecutor(StdlibThreadPoolExecutor):
             thread_name_prefix=thread_name_prefix or f"ThreadPoolExecutor-{next(_numbers)}",
             initializer=initializer,
             initargs=initargs,
+            copy_context=copy_context,
             log_unretrieved=log_unretrieved,
         )
         # (StdlibThreadPoolExecutor.__init__ is not called: its queue and

@@ -282,3 +282,16 @@ def test_asyncio_default_executor_through_loop_shutdown() -> None:
     with pytest.raises(RuntimeError):
         ex.submit(int)
     assert pool_threads("aio_") == []
+
+
+def test_context_is_not_copied_unless_asked_like_the_standard_pool() -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("dropin_var", default="unset")
+    token = var.set("submitter")
+    try:
+        with ThreadPoolExecutor(1) as plain, ThreadPoolExecutor(1, copy_context=True) as copying:
+            assert plain.submit(var.get).result(TIMEOUT) == "unset"
+            assert copying.submit(var.get).result(TIMEOUT) == "submitter"
+    finally:
+        var.reset(token)
