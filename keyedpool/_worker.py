@@ -69,7 +69,14 @@ class Worker:
         halt = pool.halt
         if halt is None:
             self.current = task
-            outcome = task.run()
+            try:
+                outcome = task.run()
+            except BaseException:
+                # Only a done-callback raising SystemExit or the like gets here
+                # (the call's own exceptions go into its future): the task is
+                # finished, and the worker must live on.
+                pool.logger.critical("exception calling callback for %r", task, exc_info=True)
+                outcome = task._exception is None
             self.current = None
         elif isinstance(halt, BaseException):  # broken: fail it without running it
             task.abandon(halt)

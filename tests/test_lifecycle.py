@@ -276,6 +276,8 @@ def test_submit_during_interpreter_exit_raises() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+# Forking a process with threads is exactly the case under test (gunicorn --preload).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_pool_created_before_fork_works_in_the_child_and_nothing_runs_twice() -> None:
     # The parent has one task running (blocked) and more queued behind it
     # when it forks. The child must not run the parent's tasks, and its own
@@ -318,3 +320,20 @@ def test_pool_created_before_fork_works_in_the_child_and_nothing_runs_twice() ->
     child_lines = [ln for ln in lines if ln.startswith(f"{pid}:")]
     assert sorted(tag.split(":")[1] for tag in child_lines) == [f"child-{k}" for k in range(4)]
     assert [tag.split(":")[1] for tag in parent_lines] == [f"parent-{i}" for i in range(5)]
+
+
+def test_worker_survives_a_done_callback_raising_base_exception(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def raise_exit(_: object) -> None:
+        raise SystemExit("from a callback")
+
+    release = threading.Event()
+    with KeyedPoolExecutor(1) as pool:
+        first = pool.submit("k", release.wait, TIMEOUT)
+        first.add_done_callback(raise_exit)
+        after = pool.submit("k", int, 5)
+        release.set()
+        assert after.result(TIMEOUT) == 5  # the same worker ran it
+    assert first.result() is True
+    assert "exception calling callback" in caplog.text
