@@ -1,0 +1,1 @@
+"""A small Django project for keyedpool's Django tests: settings and one app (ledger)."""

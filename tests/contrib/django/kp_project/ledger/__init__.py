@@ -1,0 +1,1 @@
+"""The test app: ledger entries written by background tasks."""
