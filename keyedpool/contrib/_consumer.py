@@ -1,0 +1,677 @@
+"""The broker-independent half of every keyedpool message consumer.
+
+The broker adapters (``keyedpool.contrib.redis``, ``.nats``, ``.kafka``) fetch
+messages and settle them with their broker; everything in between lives here, in
+:class:`KeyedHandling`:
+
+* **Per-key order that survives failures.** Every message of a key gets a
+  sequence number when it is dispatched. A message's handler runs only when its
+  number is the key's next one; a later message that reaches a worker while an
+  earlier one of its key is waiting for a retry steps aside ("parks") and is
+  resubmitted as soon as its turn comes. The next message of a key never
+  overtakes a failed one.
+* **Retries that block only their own key.** A failed attempt does *not* sleep
+  on the worker: the task returns at once and a timer resubmits the message
+  after its backoff. Retrying inside the pool task would hold the whole worker,
+  i.e. every key hashed to it, for the full backoff; chaining the key in the
+  consumer holds only that key. (Messages of other keys on the same worker keep
+  running; the parked messages of the failed key cost a dict entry each.)
+* **Retry policy and dead letters.** :class:`RetryPolicy` says how many times a
+  handler is called for one message and how long to wait in between. When the
+  attempts run out, or the handler raises :class:`DeadLetter`, the adapter's
+  ``dead_letter`` callback gets the message (it publishes it to the broker's
+  dead-letter destination), then the message is acked and its key moves on.
+* **Ack after success.** The adapter's ``ack`` callback runs on the worker right
+  after the handler returned (or after the dead letter was written), never before.
+* **Backpressure.** At most ``max_in_flight`` messages are dispatched and not
+  yet settled. Adapters ask :meth:`KeyedHandling.wait_for_room` (or
+  :meth:`~KeyedHandling.room`) before fetching, so they stop fetching while the
+  consumer is full. ``max_in_flight`` defaults to the pool's ``max_pending``, so
+  the pool itself never fills up because of this consumer.
+* **Graceful stop.** Adapters stop fetching, call :meth:`~KeyedHandling.drain`
+  (waits until every in-flight message is acked or dead-lettered, retries
+  included), then :meth:`~KeyedHandling.close`.
+* **Duplicate counting.** Adapters pass ``redelivered=True`` for a message the
+  broker says it delivered before, and call
+  :meth:`~KeyedHandling.note_duplicate` when they drop a copy of a message they
+  already hold; both are counted in :meth:`~KeyedHandling.stats` and reported to
+  the optional ``on_redelivered`` hook. Delivery is at least once: after a crash
+  a message may be handled again, so handlers should be idempotent.
+
+API (stable; the Kafka adapter builds on it)::
+
+    handling = KeyedHandling(handler, pool=pool, ack=ack, dead_letter=dead_letter,
+                             retry=RetryPolicy(), max_in_flight=None,
+                             on_redelivered=None, on_room=None)
+    handling.wait_for_room(timeout=None) -> int   # free slots, 0 on timeout / stop
+    handling.room() -> int
+    handling.dispatch(key, message, redelivered=False)   # never blocks on our slots
+    handling.dispatch_dead(message, error, redelivered=False)  # straight to dead_letter
+    handling.note_duplicate(message)
+    handling.drain(timeout=None) -> bool                 # True once nothing is in flight
+    handling.close()
+    handling.stats() -> ConsumerStats
+    handling.in_flight, handling.max_in_flight
+
+Threading: ``dispatch`` may be called from any thread; ``handler``, ``ack`` and
+``dead_letter`` run on pool workers (and must not wait for the thread that
+calls ``dispatch``); ``on_room`` runs on a worker whenever the consumer goes from
+full to not full.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from time import monotonic
+from typing import Any, Generic, TypeVar
+
+import mmh3
+
+from keyedpool import Key, KeyedPoolExecutor
+from keyedpool._routing import check_key
+
+__all__ = [
+    "ConsumerStats",
+    "DeadLetter",
+    "KeyedHandling",
+    "RetryPolicy",
+    "shard_of",
+]
+
+log = logging.getLogger("keyedpool.contrib")
+
+M = TypeVar("M")
+
+
+class DeadLetter(Exception):
+    """Raise this from a handler to send the message to the dead-letter destination at once.
+
+    Use it for messages that can never succeed (bad payload, unknown type): they
+    skip the remaining retries. The message's key then moves on to its next message.
+    """
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a handler is called for one message, and how long to wait in between.
+
+    The handler is called at most ``attempts`` times (the first call included).
+    Before retry number ``n`` (1, 2, ...) the consumer waits
+    ``min(backoff * multiplier ** (n - 1), max_backoff)`` seconds; only the
+    message's own key waits, other keys keep going. After the last failed
+    attempt the message goes to the dead-letter destination.
+
+    >>> RetryPolicy(attempts=3, backoff=0.1).delay(2)
+    0.2
+    """
+
+    attempts: int = 3
+    backoff: float = 0.1
+    multiplier: float = 2.0
+    max_backoff: float = 10.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise TypeError(
+                f"attempts must be an int, not {type(self.attempts).__name__}"
+            )
+        if self.attempts < 1:
+            raise ValueError("attempts must be >= 1 (1 means: no retries)")
+        for name in ("backoff", "multiplier", "max_backoff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+        if self.multiplier < 1:
+            raise ValueError("multiplier must be >= 1")
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number *retry* (1 for the first retry)."""
+        return float(
+            min(self.backoff * self.multiplier ** max(retry - 1, 0), self.max_backoff)
+        )
+
+
+@dataclass(frozen=True)
+class ConsumerStats:
+    """Counters of a consumer, from ``consumer.stats()``."""
+
+    #: Messages handed to the pool (redeliveries included).
+    received: int
+    #: Messages whose handler succeeded (and that were then acked).
+    handled: int
+    #: Handler calls that were retries of a failed call.
+    retries: int
+    #: Messages sent to the dead-letter destination.
+    dead_lettered: int
+    #: Messages the broker delivered again (after a crash or a lost ack): at-least-once.
+    redelivered: int
+    #: Copies of a message the consumer still held or had just settled, dropped unhandled.
+    duplicates: int
+    #: Dispatched and not settled yet (this is what ``max_in_flight`` bounds).
+    in_flight: int
+    #: In flight and waiting behind a failed message of their key.
+    parked: int
+    #: Acks that raised (the broker will deliver those messages again).
+    ack_errors: int
+
+
+class _Item(Generic[M]):
+    """One message on its way through the pool."""
+
+    __slots__ = ("attempt", "dead", "failure", "key", "message", "seq")
+
+    def __init__(self, key: Key | None, message: M, seq: int) -> None:
+        self.key = key
+        self.message = message
+        self.seq = seq
+        #: Handler calls made so far.
+        self.attempt = 0
+        self.failure: BaseException | None = None
+        #: Set once the message is due for the dead-letter destination.
+        self.dead = False
+
+
+class _Lane:
+    """A key with messages in flight: whose turn it is, and who is waiting."""
+
+    __slots__ = ("last_seq", "next_seq", "parked")
+
+    def __init__(self) -> None:
+        self.next_seq = 0
+        self.last_seq = -1
+        self.parked: dict[int, _Item[object]] = {}
+
+
+class KeyedHandling(Generic[M]):
+    """Run a handler for each message on a pool: in order per key, retried, acked, bounded.
+
+    Args:
+        handler: called with each message on a pool worker. Returning means
+            success; raising means failure (retried as *retry* says; raise
+            :class:`DeadLetter` to skip the retries).
+        pool: the :class:`~keyedpool.KeyedPoolExecutor` that runs the handlers.
+        ack: called with a message on the worker once it is settled: after its
+            handler succeeded, or after ``dead_letter`` returned. If it raises,
+            the error is logged and counted (the broker will deliver the message
+            again later).
+        dead_letter: called with the message and the last exception when the
+            retries ran out. It should write the message to the dead-letter
+            destination; if it raises, it is called again after
+            ``retry.max_backoff`` seconds (the key waits: nothing is lost).
+        retry: the :class:`RetryPolicy`.
+        max_in_flight: the most messages dispatched and not settled. Default:
+            the pool's ``max_pending``.
+        on_redelivered: called (on the dispatching thread) with each message
+            dispatched with ``redelivered=True`` and each message passed to
+            :meth:`note_duplicate`.
+        on_room: called (on a worker) whenever the number of in-flight messages
+            drops below ``max_in_flight`` after having reached it.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[M], object],
+        *,
+        pool: KeyedPoolExecutor,
+        ack: Callable[[M], None],
+        dead_letter: Callable[[M, BaseException], None],
+        retry: RetryPolicy | None = None,
+        max_in_flight: int | None = None,
+        on_redelivered: Callable[[M], None] | None = None,
+        on_room: Callable[[], None] | None = None,
+    ) -> None:
+        for name, fn in (
+            ("handler", handler),
+            ("ack", ack),
+            ("dead_letter", dead_letter),
+        ):
+            if not callable(fn):
+                raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
+        for name, hook in (("on_redelivered", on_redelivered), ("on_room", on_room)):
+            if hook is not None and not callable(hook):
+                raise TypeError(
+                    f"{name} must be callable or None, not {type(hook).__name__}"
+                )
+        if not isinstance(pool, KeyedPoolExecutor):
+            raise TypeError(
+                f"pool must be a KeyedPoolExecutor, not {type(pool).__name__}"
+            )
+        if retry is None:
+            retry = RetryPolicy()
+        elif not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, not {type(retry).__name__}")
+        if max_in_flight is None:
+            max_in_flight = pool.max_pending
+        check_positive("max_in_flight", max_in_flight)
+        self._handler = handler
+        self._pool = pool
+        self._ack = ack
+        self._dead_letter = dead_letter
+        self._retry = retry
+        self._max = max_in_flight
+        self._on_redelivered = on_redelivered
+        self._on_room = on_room
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._lanes: dict[Key, _Lane] = {}
+        self._in_flight = 0
+        self._parked = 0
+        self._closed = False
+        self._received = self._handled = self._retries = self._dead = 0
+        self._redelivered = self._duplicates = self._ack_errors = 0
+        # The timer: (due, order, item) entries resubmitted by one thread.
+        self._timer_heap: list[tuple[float, int, _Item[M]]] = []
+        self._timer_order = itertools.count()
+        self._timer_wake = threading.Condition(threading.Lock())
+        self._timer: threading.Thread | None = None
+
+    # -- what adapters call -------------------------------------------------------
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most messages dispatched and not settled."""
+        return self._max
+
+    @property
+    def in_flight(self) -> int:
+        """Messages dispatched and not settled yet."""
+        return self._in_flight
+
+    def room(self) -> int:
+        """How many more messages may be dispatched now (0 when full or closed)."""
+        if self._closed:
+            return 0
+        return max(self._max - self._in_flight, 0)
+
+    def wait_for_room(self, timeout: float | None = None) -> int:
+        """Wait until a message may be dispatched; return how many may be, now.
+
+        Returns 0 if *timeout* seconds passed first, or once :meth:`close` was called.
+        """
+        deadline = None if timeout is None else monotonic() + timeout
+        with self._changed:
+            while not self._closed and self._in_flight >= self._max:
+                left = None if deadline is None else deadline - monotonic()
+                if left is not None and left <= 0:
+                    return 0
+                self._changed.wait(left)
+            return 0 if self._closed else self._max - self._in_flight
+
+    def dispatch(
+        self, key: Key | None, message: M, *, redelivered: bool = False
+    ) -> None:
+        """Hand *message* to the pool: its handler runs after the earlier messages of *key*.
+
+        ``None`` as the key means no order is kept for this message. This never
+        waits for :meth:`room` (call :meth:`wait_for_room` before fetching); it
+        waits only if a shared pool is full. Raises ``RuntimeError`` after :meth:`close`,
+        and ``TypeError`` for a key that is not ``str``, ``bytes``, ``int`` or ``None``.
+        """
+        check_key(key)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("keyedpool: this consumer is closed")
+            if key is None:
+                seq = 0
+            else:
+                lane = self._lanes.get(key)
+                if lane is None:
+                    lane = self._lanes[key] = _Lane()
+                lane.last_seq += 1
+                seq = lane.last_seq
+            self._in_flight += 1
+            self._received += 1
+            if redelivered:
+                self._redelivered += 1
+        item = _Item(key, message, seq)
+        if redelivered and self._on_redelivered is not None:
+            self._call_hook(self._on_redelivered, message)
+        try:
+            self._pool.submit(key, self._run, item)
+        except BaseException:
+            self._abandon(item)
+            raise
+
+    def dispatch_dead(
+        self, message: M, error: BaseException, *, redelivered: bool = False
+    ) -> None:
+        """Send *message* to ``dead_letter`` with *error* without calling the handler.
+
+        For a message that cannot be handled at all, e.g. because its key could
+        not be read. It runs on a worker like any message (no order kept), and
+        is acked once the dead letter is written.
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("keyedpool: this consumer is closed")
+            self._in_flight += 1
+            self._received += 1
+            if redelivered:
+                self._redelivered += 1
+        item = _Item(None, message, 0)
+        item.dead = True
+        item.failure = error
+        try:
+            self._pool.submit(None, self._run, item)
+        except BaseException:
+            self._abandon(item)
+            raise
+
+    def note_duplicate(self, message: M) -> None:
+        """Count a copy of a message the adapter dropped because it already has it."""
+        with self._lock:
+            self._duplicates += 1
+        if self._on_redelivered is not None:
+            self._call_hook(self._on_redelivered, message)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every dispatched message is settled; False if *timeout* passed first."""
+        deadline = None if timeout is None else monotonic() + timeout
+        with self._changed:
+            while self._in_flight:
+                left = None if deadline is None else deadline - monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
+
+    def close(self) -> None:
+        """Refuse further dispatches and stop the retry timer. Safe to call more than once.
+
+        Call :meth:`drain` first: messages still waiting for a retry are then
+        left unacked, and the broker delivers them again later.
+        """
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        with self._timer_wake:
+            self._timer_heap.clear()
+            self._timer_wake.notify_all()
+        timer = self._timer
+        if timer is not None and timer is not threading.current_thread():
+            timer.join()
+
+    def stats(self) -> ConsumerStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            return ConsumerStats(
+                received=self._received,
+                handled=self._handled,
+                retries=self._retries,
+                dead_lettered=self._dead,
+                redelivered=self._redelivered,
+                duplicates=self._duplicates,
+                in_flight=self._in_flight,
+                parked=self._parked,
+                ack_errors=self._ack_errors,
+            )
+
+    # -- on the workers ---------------------------------------------------------
+
+    def _run(self, item: _Item[M]) -> None:
+        key = item.key
+        if key is not None:
+            with self._lock:
+                lane = self._lanes[key]
+                if item.seq != lane.next_seq:
+                    # An earlier message of this key is waiting for a retry: wait
+                    # for our turn without holding the worker.
+                    lane.parked[item.seq] = item  # type: ignore[assignment]
+                    self._parked += 1
+                    return
+        if not item.dead:
+            item.attempt += 1
+            if item.attempt > 1:
+                with self._lock:
+                    self._retries += 1
+            try:
+                self._handler(item.message)
+            except BaseException as exc:
+                item.failure = exc
+                if isinstance(exc, DeadLetter) or item.attempt >= self._retry.attempts:
+                    item.dead = True
+                else:
+                    log.info(
+                        "keyedpool: handler failed for key %r (attempt %d of %d), retrying",
+                        key,
+                        item.attempt,
+                        self._retry.attempts,
+                        exc_info=True,
+                    )
+                    self._later(self._retry.delay(item.attempt), item)
+                    return
+            else:
+                self._settle(item, handled=True)
+                return
+        failure = item.failure
+        assert failure is not None
+        try:
+            self._dead_letter(item.message, failure)
+        except Exception:
+            log.exception(
+                "keyedpool: could not dead-letter a message of key %r; trying again in %ss",
+                key,
+                self._retry.max_backoff,
+            )
+            self._later(self._retry.max_backoff, item)
+            return
+        self._settle(item, handled=False)
+
+    def _settle(self, item: _Item[M], *, handled: bool) -> None:
+        # Ack, let the key's next message run, free the slot.
+        try:
+            self._ack(item.message)
+        except Exception:
+            log.exception("keyedpool: ack failed for a message of key %r", item.key)
+            ack_failed = True
+        else:
+            ack_failed = False
+        resume: _Item[M] | None = None
+        with self._changed:
+            if ack_failed:
+                self._ack_errors += 1
+            if handled:
+                self._handled += 1
+            elif item.dead:
+                self._dead += 1
+            key = item.key
+            if key is not None:
+                lane = self._lanes[key]
+                lane.next_seq += 1
+                waiting = lane.parked.pop(lane.next_seq, None)
+                if waiting is not None:
+                    self._parked -= 1
+                    resume = waiting  # type: ignore[assignment]
+                elif lane.next_seq > lane.last_seq and not lane.parked:
+                    del self._lanes[key]
+            was_full = self._in_flight >= self._max
+            self._in_flight -= 1
+            self._changed.notify_all()
+        if resume is not None:
+            self._later(0.0, resume)
+        if was_full and self._on_room is not None:
+            self._call_hook(self._on_room)
+
+    def _abandon(self, item: _Item[M]) -> None:
+        # The pool refused the message: leave it unacked (the broker delivers it
+        # again) and free its slot. Its key's later messages stay unhandled too.
+        with self._changed:
+            self._in_flight -= 1
+            self._changed.notify_all()
+
+    # -- the timer: retries and parked messages go back to the pool ---------------
+
+    def _later(self, delay: float, item: _Item[M]) -> None:
+        with self._timer_wake:
+            if self._timer is None:
+                self._timer = threading.Thread(
+                    target=self._timer_loop,
+                    name="keyedpool-consumer-timer",
+                    daemon=True,
+                )
+                self._timer.start()
+            heapq.heappush(
+                self._timer_heap, (monotonic() + delay, next(self._timer_order), item)
+            )
+            self._timer_wake.notify()
+
+    def _timer_loop(self) -> None:
+        # Only this thread resubmits, so a worker never waits for room in the pool.
+        while True:
+            with self._timer_wake:
+                while True:
+                    if self._closed:
+                        return
+                    if self._timer_heap:
+                        wait = self._timer_heap[0][0] - monotonic()
+                        if wait <= 0:
+                            item = heapq.heappop(self._timer_heap)[2]
+                            break
+                        self._timer_wake.wait(wait)
+                    else:
+                        self._timer_wake.wait()
+            try:
+                self._pool.submit(item.key, self._run, item)
+            except RuntimeError:
+                log.warning(
+                    "keyedpool: the pool was shut down; a message of key %r stays "
+                    "unacked and will be delivered again",
+                    item.key,
+                )
+                self._abandon(item)
+
+    @staticmethod
+    def _call_hook(hook: Callable[..., object], *args: object) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("keyedpool: a consumer hook raised")
+
+
+def check_positive(name: str, value: object) -> None:
+    """Raise TypeError/ValueError unless *value* is an int > 0."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than 0")
+
+
+def check_seconds(name: str, value: object, *, allow_zero: bool = False) -> None:
+    """Raise TypeError/ValueError unless *value* is a finite number of seconds (> 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a number of seconds, not {type(value).__name__}"
+        )
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(
+            f"{name} must be a finite number of seconds > 0, not {value!r}"
+        )
+
+
+def shard_of(key: Key, shards: int) -> int:
+    """The shard (0 to ``shards - 1``) a key's messages are published to.
+
+    ``(mmh3_32(key_bytes, seed=0, unsigned) * shards) >> 32``: the *high* bits of
+    the same mmh3 hash keyedpool routes with, where ``key_bytes`` is the UTF-8
+    of a ``str``, a ``bytes`` key as it is, or the decimal digits of an ``int``.
+    Easy to compute in any language. Not ``hash % shards``: the pool picks a
+    worker with ``hash % max_workers``, and if both used the low bits, the keys
+    of one process (a subset of shards) would land on a subset of its workers
+    (with 8 shards over 2 processes, only half of a 32-worker pool).
+    """
+    if key is None:
+        raise ValueError("keyedpool: a message needs a key (str, bytes or int) to be sharded")
+    check_key(key)
+    check_positive("shards", shards)
+    if isinstance(key, int):
+        data = b"%d" % key
+    elif isinstance(key, str):
+        data = key.encode()
+    else:
+        data = key
+    return (mmh3.hash(data, 0, False) * shards) >> 32
+
+
+def read_key(key_of: Callable[[M], object], message: M) -> Key | None:
+    """``key_of(message)``, checked: raises what *key_of* raises, or TypeError for a non-key.
+
+    Adapters dead-letter a message whose key cannot be read (with this error)
+    instead of letting it stop the consumer.
+    """
+    key = key_of(message)
+    try:
+        check_key(key)
+    except TypeError as exc:
+        raise TypeError(
+            f"keyedpool: the key of a message must be str, bytes, int or None, "
+            f"not {type(key).__name__} ({exc})"
+        ) from None
+    return key  # type: ignore[return-value]
+
+
+def stop_at_exit(stop: Callable[[], object]) -> None:
+    """Call the bound method *stop* when the interpreter exits, before threads are joined.
+
+    The consumers' background threads are not daemons, so a program that
+    returns from its main thread without stopping them would wait forever; this
+    hook (``threading._register_atexit``, the one ``concurrent.futures`` uses)
+    stops them gracefully first. It holds the consumer only weakly.
+    """
+    ref = weakref.WeakMethod(stop)
+
+    def at_exit() -> None:
+        method: Any = ref()
+        if method is not None:
+            try:
+                method()
+            except Exception:
+                log.exception("keyedpool: a consumer stopped with an error at exit")
+
+    register: Any = getattr(threading, "_register_atexit", None)
+    if register is None:  # pragma: no cover - CPython 3.9+ has it
+        return
+    try:
+        register(at_exit)
+    except RuntimeError:  # the interpreter is already shutting down
+        pass
+
+
+def run_in_background(
+    run: Callable[[], None], name: str, stop: Callable[[], object]
+) -> threading.Thread:
+    """Start a non-daemon thread running *run*; the consumer stops at interpreter exit.
+
+    *run* must store its own error (``stop()`` re-raises it); here it is only
+    logged, so that it does not go to ``threading.excepthook`` as well.
+    """
+
+    def target() -> None:
+        try:
+            run()
+        except BaseException:
+            log.exception("keyedpool: consumer thread %s stopped with an error", name)
+
+    thread = threading.Thread(target=target, name=name, daemon=False)
+    stop_at_exit(stop)
+    thread.start()
+    return thread
+
+
+def valid_key(key: object) -> Key | None:
+    """*key* if it is a valid key or ``None``; else log an error and return ``None``."""
+    try:
+        check_key(key)
+    except TypeError:
+        log.error("keyedpool: %r is not a key (str, bytes, int or None); the message "
+                  "runs without one (no order kept for it)", key)
+        return None
+    return key  # type: ignore[return-value]

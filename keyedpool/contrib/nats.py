@@ -1,0 +1,777 @@
+"""Consume NATS JetStream on a keyed pool: in order per key, acked after success, scaled out.
+
+Install with ``pip install keyedpool[nats]`` (nats-py; nats-server 2.9 or newer with ``-js``).
+
+nats-py is asyncio-only; this module keeps your handler a **plain blocking
+function**. It runs one asyncio event loop in a background thread for all NATS
+I/O (connect, fetch, ack), hands each message to a
+:class:`~keyedpool.KeyedPoolExecutor`, and acks from the workers through
+``asyncio.run_coroutine_threadsafe``. Workers never wait for the loop, except
+to write a dead letter.
+
+**Scale-out: a subject per shard, a durable pull consumer per shard.** A message
+with key ``k`` is published to ``f"{subject}.{shard_of(k, shards)}"`` (mmh3 of
+the key, seed 0, as keyedpool routes) with the key in the ``Keyedpool-Key``
+header; :func:`publish` and :class:`NatsPublisher` do that. The stream captures
+``f"{subject}.*"``. Shard ``i`` has its own durable pull consumer
+``f"{durable}-{i}"`` filtered on its subject, and process ``p`` of
+``process_count`` reads the shards ``i % process_count == p``. One key lives in
+one shard, so one process gets all of a key's messages, in stream order.
+
+>>> from keyedpool.contrib.nats import NatsConsumer, NatsPublisher
+>>> with NatsPublisher("nats://127.0.0.1:4222", "ORDERS", shards=8) as pub:  # doctest: +SKIP
+...     pub.publish("order-123", b'{"event": "charged"}')
+>>> def handle(message):            # a plain blocking function
+...     print(message.key, message.data)
+>>> consumer = NatsConsumer("nats://127.0.0.1:4222", "ORDERS", handle, shards=8,
+...                         process_index=0, process_count=2)   # doctest: +SKIP
+>>> consumer.run()   # until consumer.stop() (e.g. from a SIGTERM handler)  # doctest: +SKIP
+
+Guarantees and their limits:
+
+* **Ack after success**; a message whose retries ran out is published to the
+  dead-letter subject ``f"{subject}.dead"`` (stored in the same stream, with
+  ``Keyedpool-Error`` and ``Keyedpool-Source-Seq`` headers) and then
+  terminated (``AckTerm``), so JetStream never delivers it again.
+* **At least once.** When a process starts and finds its shard consumer with
+  unacked messages (its predecessor died), it recreates that consumer from the
+  ack floor (the last message below which everything was acked), so the
+  unacked messages come again **before** any newer one, in stream order.
+  Messages above the floor that were already acked are handled again; all of
+  them reach the handler with ``redelivered=True`` and are counted in
+  ``stats().redelivered``. While a message is in flight, the consumer tells
+  JetStream it is still working on it (``+WPI``), so ``ack_wait`` never expires
+  under it; a redelivered copy of a message still in flight is dropped and
+  counted in ``stats().duplicates``.
+* **Errors.** ``start()`` sets up the client in the calling thread, so a
+  bad address raises there. An error that later stops the consumer's thread
+  is kept in ``consumer.error`` and raised again by ``stop()``. A message whose
+  key cannot be read is dead-lettered with that error. The consumer's thread
+  is not a daemon; it is stopped gracefully when the interpreter exits.
+* **Static ownership.** Run exactly one live process per ``process_index``; a
+  supervisor restarts one that dies. To change ``process_count``, stop all
+  processes gracefully first. ``shards`` must be the same for publishers and
+  consumers.
+* **Reconnects.** nats-py reconnects on its own. If a connection drops while a
+  fetch's messages are on the wire, JetStream delivers those again after
+  ``ack_wait``, possibly after newer messages of the same keys: nothing is lost,
+  but order can break in that window. Restart the process after a long outage
+  (it replays from the ack floor) if order matters more than uptime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from time import monotonic
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from keyedpool import Key, KeyedPoolExecutor
+
+from ._consumer import (
+    ConsumerStats,
+    DeadLetter,
+    KeyedHandling,
+    RetryPolicy,
+    check_positive,
+    check_seconds,
+    read_key,
+    run_in_background,
+    shard_of,
+)
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+    from typing_extensions import Self  # noqa: UP035 - typing.Self is 3.11+
+
+__all__ = [
+    "KEY_HEADER",
+    "ConsumerStats",
+    "DeadLetter",
+    "NatsConsumer",
+    "NatsMessage",
+    "NatsPublisher",
+    "RetryPolicy",
+    "publish",
+    "shard_of",
+    "shard_subject",
+]
+
+log = logging.getLogger("keyedpool.contrib.nats")
+
+#: The header :func:`publish` puts the key in, and where :class:`NatsConsumer` looks by default.
+KEY_HEADER = "Keyedpool-Key"
+
+T = TypeVar("T")
+
+
+def shard_subject(subject: str, shard: int) -> str:
+    """The subject of one shard: ``f"{subject}.{shard}"``."""
+    return f"{subject}.{shard}"
+
+
+def _key_text(key: Key) -> str:
+    if isinstance(key, bytes):
+        return key.decode()
+    return str(key)
+
+
+async def publish(
+    js: JetStreamContext,
+    subject: str,
+    key: Key,
+    data: bytes,
+    *,
+    shards: int,
+    headers: Mapping[str, str] | None = None,
+) -> Any:
+    """Publish *data* to the shard subject of *key* (async); return JetStream's PubAck.
+
+    The key goes in the ``Keyedpool-Key`` header (``bytes`` keys must be UTF-8).
+    """
+    if not isinstance(data, bytes):
+        raise TypeError(f"data must be bytes, not {type(data).__name__}")
+    all_headers = dict(headers or {})
+    all_headers[KEY_HEADER] = _key_text(key)
+    return await js.publish(
+        shard_subject(subject, shard_of(key, shards)), data, headers=all_headers
+    )
+
+
+class _Loop:
+    """An asyncio event loop running in a daemon thread, for blocking callers.
+
+    A daemon: its owner closes it (the consumer's thread, which is not a daemon
+    and is stopped at interpreter exit, does so when it stops).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return self.submit(coro).result(timeout)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+async def _ensure_stream(js: JetStreamContext, stream: str, subject: str) -> None:
+    try:
+        await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(name=stream, subjects=[f"{subject}.*"])
+        except nats.js.errors.BadRequestError:
+            await js.stream_info(stream)  # made by another process meanwhile
+
+
+class NatsPublisher:
+    """Publish keyed messages to a sharded JetStream stream from blocking code.
+
+    Creates the stream (capturing ``f"{subject}.*"``) if it does not exist.
+    Each :meth:`publish` waits for JetStream's acknowledgement. Use it as a
+    context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        servers: str | list[str],
+        stream: str,
+        *,
+        shards: int,
+        subject: str | None = None,
+        timeout: float = 10.0,
+        connect_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        check_positive("shards", shards)
+        check_seconds("timeout", timeout)
+        self.stream = stream
+        self.subject = subject or stream
+        self.shards = shards
+        self._timeout = timeout
+        self._loop = _Loop(f"keyedpool-nats-publisher-{stream}")
+        try:
+            self._nc: Client = self._loop.call(
+                nats.connect(servers, **dict(connect_options or {})), timeout
+            )
+            self._js = self._nc.jetstream()
+            self._loop.call(_ensure_stream(self._js, stream, self.subject), timeout)
+        except BaseException:
+            self._loop.close()
+            raise
+
+    def publish(self, key: Key, data: bytes, headers: Mapping[str, str] | None = None) -> int:
+        """Publish *data* with *key*; return its stream sequence number."""
+        ack = self._loop.call(
+            publish(self._js, self.subject, key, data, shards=self.shards, headers=headers),
+            self._timeout,
+        )
+        return int(ack.seq)
+
+    def close(self) -> None:
+        """Flush and close the connection and the loop thread."""
+        try:
+            self._loop.call(self._nc.drain(), self._timeout)
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class NatsMessage:
+    """One JetStream message, as the handler gets it."""
+
+    #: Its subject, e.g. ``"ORDERS.3"``.
+    subject: str
+    #: Its payload.
+    data: bytes
+    #: Its headers (``None`` if it has none).
+    headers: Mapping[str, str] | None
+    #: The key it is ordered by (``None``: no order kept for it).
+    key: Key | None
+    #: Its shard number.
+    shard: int
+    #: Its sequence number in the stream.
+    stream_seq: int
+    #: True if JetStream (or a crashed predecessor) delivered it before.
+    redelivered: bool
+    _msg: Any = field(repr=False, compare=False, default=None)
+
+
+class _Shard:
+    """One shard: its consumer, its subscription, what it has in flight."""
+
+    def __init__(self, index: int, consumer: str, subject: str) -> None:
+        self.index = index
+        self.consumer = consumer
+        self.subject = subject
+        self.sub: Any = None
+        #: Messages delivered before a restart have stream_seq <= this.
+        self.delivered_before = 0
+        #: stream_seq -> (message, time of the last sign of life sent).
+        self.in_flight: dict[int, tuple[NatsMessage, float]] = {}
+        #: Recently settled stream_seqs, to drop late redeliveries of them.
+        self.settled: set[int] = set()
+        self.settled_order: deque[int] = deque()
+
+
+class NatsConsumer:
+    """Fetch from a sharded JetStream stream and run a handler per message on a pool.
+
+    Args:
+        servers: the NATS server URL(s), e.g. ``"nats://127.0.0.1:4222"``.
+        stream: the JetStream stream (created, capturing ``f"{subject}.*"``, if missing).
+        handler: a plain blocking function called with each :class:`NatsMessage`.
+            Messages of one key run one at a time, in stream order. Raising
+            means failure: the message is retried as *retry* says, then
+            dead-lettered.
+        shards: how many shard subjects there are (the same as when publishing).
+        process_index, process_count: this process reads the shards ``s`` with
+            ``s % process_count == process_index``.
+        subject: the base subject; shard ``i`` is ``f"{subject}.{i}"``. Default: *stream*.
+        durable: the base name of the shard consumers (``f"{durable}-{i}"``).
+            Default: ``f"{stream}-keyedpool"``. Different durables read the
+            stream independently (like consumer groups).
+        key: where the key is: a header name (default ``"Keyedpool-Key"``; no
+            such header: no order kept) or a function of the message returning
+            ``str``, ``bytes``, ``int`` or ``None``. A message whose key cannot
+            be read (the function raises or returns another type) is
+            dead-lettered with that error.
+        pool: the pool to run handlers on. Default: a pool of its own with
+            *max_workers* workers, shut down by :meth:`stop`.
+        max_workers: the size of that pool (ignored with *pool*).
+        retry: the :class:`RetryPolicy` (default: 3 attempts, 0.1 s backoff doubling).
+        dead_letter: the subject dead letters go to. Default ``f"{subject}.dead"``
+            (kept in the same stream). ``None``: log and drop them.
+        on_dead_letter: called (on a worker) with each dead-lettered message and
+            its error. If it raises, the error is logged.
+        on_redelivered: called with each redelivered or duplicate message.
+        max_in_flight: the most messages fetched and not yet acked (backpressure).
+            Default: half the pool's ``max_pending``.
+        batch: the most messages one fetch asks for, per shard.
+        poll_timeout: how long one fetch waits for messages, in seconds (also
+            how quickly :meth:`stop` is noticed).
+        ack_wait: the shard consumers' ack wait, in seconds (used when creating them).
+        connect_options: more keyword arguments for ``nats.connect``.
+    """
+
+    def __init__(
+        self,
+        servers: str | list[str],
+        stream: str,
+        handler: Callable[[NatsMessage], object],
+        *,
+        shards: int = 1,
+        process_index: int = 0,
+        process_count: int = 1,
+        subject: str | None = None,
+        durable: str | None = None,
+        key: str | Callable[[NatsMessage], Key | None] = KEY_HEADER,
+        pool: KeyedPoolExecutor | None = None,
+        max_workers: int | None = None,
+        retry: RetryPolicy | None = None,
+        dead_letter: str | None = "",
+        on_dead_letter: Callable[[NatsMessage, BaseException], None] | None = None,
+        on_redelivered: Callable[[NatsMessage], None] | None = None,
+        max_in_flight: int | None = None,
+        batch: int = 100,
+        poll_timeout: float = 0.5,
+        ack_wait: float = 30.0,
+        connect_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(stream, str) or not stream or "." in stream:
+            raise ValueError("stream must be a non-empty str without dots (a JetStream name)")
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        check_positive("shards", shards)
+        check_positive("process_count", process_count)
+        if isinstance(process_index, bool) or not isinstance(process_index, int):
+            raise TypeError("process_index must be an int")
+        if not 0 <= process_index < process_count:
+            raise ValueError(
+                f"process_index must be in 0..{process_count - 1} (process_count={process_count})"
+            )
+        if process_count > shards:
+            raise ValueError(
+                f"process_count ({process_count}) is more than shards ({shards}): "
+                "some processes would read nothing; use more shards"
+            )
+        if not (isinstance(key, str) or callable(key)):
+            raise TypeError("key must be a header name (str) or a function of the message")
+        if on_dead_letter is not None and not callable(on_dead_letter):
+            raise TypeError("on_dead_letter must be callable or None")
+        check_positive("batch", batch)
+        check_seconds("poll_timeout", poll_timeout)
+        check_seconds("ack_wait", ack_wait)
+        if pool is not None and not isinstance(pool, KeyedPoolExecutor):
+            raise TypeError(f"pool must be a KeyedPoolExecutor, not {type(pool).__name__}")
+        self._servers = servers
+        self._stream = stream
+        self._subject = subject or stream
+        self._durable = durable or f"{stream}-keyedpool"
+        self._key = key
+        self._dead_subject = f"{self._subject}.dead" if dead_letter == "" else dead_letter
+        self._on_dead_letter = on_dead_letter
+        self._batch = batch
+        self._fetch_timeout = poll_timeout
+        self._ack_wait = ack_wait
+        self._connect_options = dict(connect_options or {})
+        self._shards = [
+            _Shard(s, f"{self._durable}-{s}", shard_subject(self._subject, s))
+            for s in range(shards)
+            if s % process_count == process_index
+        ]
+        self._own_pool = pool is None
+        self._pool = pool if pool is not None else KeyedPoolExecutor(
+            max_workers, thread_name_prefix=f"keyedpool-nats-{stream}"
+        )
+        if max_in_flight is None:
+            # Leave room in the pool for a fetch that overshoots (one batch per shard).
+            max_in_flight = max(1, self._pool.max_pending // 2)
+        self._handling: KeyedHandling[NatsMessage] = KeyedHandling(
+            handler,
+            pool=self._pool,
+            ack=self._ack,
+            dead_letter=self._write_dead_letter,
+            retry=retry,
+            max_in_flight=max_in_flight,
+            on_redelivered=on_redelivered,
+            on_room=self._wake_fetchers,
+        )
+        self._dead: set[int] = set()
+        self._dead_lock = threading.Lock()
+        self._loop: _Loop | None = None
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._room: asyncio.Event | None = None
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._runner: threading.Thread | None = None
+        self._thread: threading.Thread | None = None
+        self._drain_timeout: float | None = None
+        self._acks: set[concurrent.futures.Future[None]] = set()
+        self._acks_lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    # -- public -------------------------------------------------------------------
+
+    @property
+    def shard_subjects(self) -> list[str]:
+        """The shard subjects this process reads."""
+        return [shard.subject for shard in self._shards]
+
+    def run(self) -> None:
+        """Fetch and handle messages until :meth:`stop` is called, then stop gracefully.
+
+        Blocks the calling thread (the NATS I/O runs on a loop thread of its own).
+        An error that stops it (cannot connect, the connection closed for
+        good) is raised after a graceful stop, kept in :attr:`error`, and
+        raised again by :meth:`stop`.
+        """
+        with self._start_lock:
+            if self._started:
+                raise RuntimeError("keyedpool: this consumer was already started")
+            self._started = True
+            self._runner = threading.current_thread()
+        self._run()
+
+    def start(self) -> NatsConsumer:
+        """Connect and bind the shard consumers, then run :meth:`run` in a background thread.
+
+        Returns self. Connection and JetStream errors at setup raise here. The
+        thread is not a daemon; the consumer is stopped gracefully (as by
+        :meth:`stop`) when the interpreter exits.
+        """
+        with self._start_lock:
+            if self._started:
+                raise RuntimeError("keyedpool: this consumer was already started")
+            self._started = True
+            try:
+                self._open()
+            except BaseException as exc:
+                self._error = exc
+                self._stopping.set()
+                self._finish(None)
+                raise
+            self._thread = run_in_background(
+                self._run, f"keyedpool-nats-{self._stream}", self._stop_at_exit
+            )
+            self._runner = self._thread
+        return self
+
+    def _open(self) -> None:
+        loop = self._loop = _Loop(f"keyedpool-nats-{self._stream}-io")
+        loop.call(self._connect())
+
+    def _run(self) -> None:
+        fetching: concurrent.futures.Future[None] | None = None
+        try:
+            if self._loop is None:
+                self._open()
+            loop = self._loop
+            assert loop is not None
+            fetching = loop.submit(self._fetch_all())
+            # Fetching ends only on stop or on an error: either way, wake up.
+            fetching.add_done_callback(lambda _: self._stopping.set())
+            while not self._stopping.wait(self._ack_wait / 3):
+                loop.call(self._still_working())
+            if fetching.done() and not fetching.cancelled():
+                fetching.result()  # raises what stopped the fetching, if anything
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            self._stopping.set()
+            self._finish(fetching)
+
+    def _stop_at_exit(self) -> None:
+        if not self._stopped.is_set():
+            self.stop()
+
+    def stop(self, timeout: float | None = 30.0, *, wait: bool = True) -> bool:
+        """Stop fetching, wait for the in-flight messages (at most *timeout* s), ack them, close.
+
+        From another thread this blocks until the consumer has stopped and
+        returns True if every in-flight message was settled. From the thread
+        that runs :meth:`run` (a signal handler, say) it only asks :meth:`run`
+        to return, and returns False; so does ``wait=False``, from anywhere.
+        If the consumer stopped because of an error (see :attr:`error`), that
+        error is raised here.
+        """
+        if timeout is not None:
+            check_seconds("timeout", timeout, allow_zero=True)
+        self._drain_timeout = timeout
+        self._stopping.set()
+        with self._start_lock:
+            runner = self._runner
+            if runner is None and not self._started:
+                self._started = True  # never runs now
+                self._finish(None)
+        if not wait or runner is None or runner is threading.current_thread():
+            return False
+        self._stopped.wait()
+        if self._error is not None:
+            raise self._error
+        return self._handling.in_flight == 0
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that stopped the consumer, if one did (:meth:`stop` raises it too)."""
+        return self._error
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called: no more fetching."""
+        return self._stopping.is_set()
+
+    def stats(self) -> ConsumerStats:
+        """Counters: handled, retries, dead-lettered, redelivered, duplicates, in flight..."""
+        return self._handling.stats()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- on the loop thread -------------------------------------------------------
+
+    async def _connect(self) -> None:
+        self._room = asyncio.Event()
+        self._nc = await nats.connect(self._servers, **self._connect_options)
+        self._js = js = self._nc.jetstream()
+        await _ensure_stream(js, self._stream, self._subject)
+        for shard in self._shards:
+            await self._bind(js, shard)
+
+    async def _bind(self, js: JetStreamContext, shard: _Shard) -> None:
+        start: int | None = None
+        try:
+            info = await js.consumer_info(self._stream, shard.consumer)
+        except nats.js.errors.NotFoundError:
+            info = None
+        if info is not None and info.num_ack_pending:
+            # A predecessor died with messages unacked. JetStream would deliver
+            # newer ones before those come back: start over from the ack floor.
+            assert info.ack_floor is not None and info.delivered is not None
+            start = info.ack_floor.stream_seq + 1
+            shard.delivered_before = info.delivered.stream_seq
+            await js.delete_consumer(self._stream, shard.consumer)
+            log.info(
+                "keyedpool: shard %s had %d unacked messages; redelivering from seq %d",
+                shard.subject, info.num_ack_pending, start,
+            )
+            info = None
+        if info is None:
+            config = ConsumerConfig(
+                durable_name=shard.consumer,
+                filter_subject=shard.subject,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self._ack_wait,
+                max_deliver=-1,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start else DeliverPolicy.ALL,
+                opt_start_seq=start,
+            )
+            await js.add_consumer(self._stream, config)
+        shard.sub = await js.pull_subscribe_bind(shard.consumer, self._stream)
+
+    async def _fetch_all(self) -> None:
+        await asyncio.gather(*(self._fetch_shard(shard) for shard in self._shards))
+
+    async def _fetch_shard(self, shard: _Shard) -> None:
+        room_event = self._room
+        assert room_event is not None
+        per_shard = max(1, self._batch)
+        while not self._stopping.is_set():
+            room = self._handling.room()
+            if room <= 0:
+                room_event.clear()
+                if self._handling.room() <= 0:
+                    try:
+                        await asyncio.wait_for(room_event.wait(), self._fetch_timeout)
+                    except asyncio.TimeoutError:  # noqa: UP041 - not TimeoutError on 3.10
+                        pass
+                continue
+            count = max(1, min(per_shard, room // len(self._shards)))
+            try:
+                msgs = await shard.sub.fetch(count, timeout=self._fetch_timeout)
+            except asyncio.TimeoutError:  # noqa: UP041 - nats' too; not TimeoutError on 3.10
+                continue
+            except nats.errors.ConnectionClosedError:
+                if self._stopping.is_set():
+                    return
+                raise
+            except Exception:
+                log.warning("keyedpool: fetch from %s failed; retrying", shard.subject,
+                            exc_info=True)
+                await asyncio.sleep(self._fetch_timeout)
+                continue
+            for msg in msgs:
+                self._receive(shard, msg)
+
+    def _receive(self, shard: _Shard, msg: Msg) -> None:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        redelivered = meta.num_delivered > 1 or seq <= shard.delivered_before
+        if seq in shard.in_flight or seq in shard.settled:
+            # A copy of a message we hold (or just acked): JetStream redelivered it.
+            held = shard.in_flight.get(seq)
+            copy = held[0] if held else self._message(shard, msg, redelivered=True)
+            self._handling.note_duplicate(copy)
+            if held is None:
+                self._submit_ack(msg.ack())
+            return
+        message = self._message(shard, msg, redelivered=redelivered)
+        shard.in_flight[seq] = (message, monotonic())
+        try:
+            key = read_key(self._read_key, message)
+        except Exception as exc:
+            # Its key cannot be read: dead-letter it (with the error), go on.
+            self._handling.dispatch_dead(message, exc, redelivered=redelivered)
+            return
+        object.__setattr__(message, "key", key)
+        self._handling.dispatch(key, message, redelivered=redelivered)
+
+    def _message(self, shard: _Shard, msg: Msg, *, redelivered: bool) -> NatsMessage:
+        headers = msg.headers
+        return NatsMessage(
+            subject=msg.subject,
+            data=msg.data,
+            headers=headers,
+            key=None,
+            shard=shard.index,
+            stream_seq=msg.metadata.sequence.stream,
+            redelivered=redelivered,
+            _msg=msg,
+        )
+
+    def _read_key(self, message: NatsMessage) -> object:
+        if callable(self._key):
+            return self._key(message)
+        return (message.headers or {}).get(self._key)
+
+    async def _still_working(self) -> None:
+        # +WPI for messages in flight for a while, so ack_wait never expires under them.
+        now = monotonic()
+        for shard in self._shards:
+            for seq, (message, last) in list(shard.in_flight.items()):
+                if now - last >= self._ack_wait / 3:
+                    shard.in_flight[seq] = (message, now)
+                    try:
+                        await message._msg.in_progress()
+                    except Exception:
+                        log.debug("keyedpool: +WPI failed", exc_info=True)
+
+    async def _settled(self, message: NatsMessage, dead: bool) -> None:
+        shard = next(s for s in self._shards if s.index == message.shard)
+        seq = message.stream_seq
+        shard.in_flight.pop(seq, None)
+        shard.settled.add(seq)
+        shard.settled_order.append(seq)
+        while len(shard.settled_order) > 2 * self._handling.max_in_flight + 1000:
+            shard.settled.discard(shard.settled_order.popleft())
+        if dead:
+            await message._msg.term()
+        else:
+            await message._msg.ack()
+
+    @staticmethod
+    async def _close_connection(nc: Client) -> None:
+        await nc.flush()  # the acks are written before the connection goes
+        await nc.close()
+
+    def _wake_fetchers(self) -> None:
+        loop, room = self._loop, self._room
+        if loop is not None and room is not None:
+            loop.loop.call_soon_threadsafe(room.set)
+
+    # -- on the workers -----------------------------------------------------------
+
+    def _ack(self, message: NatsMessage) -> None:
+        with self._dead_lock:
+            dead = message.stream_seq in self._dead
+            self._dead.discard(message.stream_seq)
+        self._submit_ack(self._settled(message, dead))
+
+    def _submit_ack(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Fire and forget: a worker never waits for the loop to ack.
+        assert self._loop is not None
+        future = self._loop.submit(coro)
+        with self._acks_lock:
+            self._acks.add(future)
+        future.add_done_callback(self._ack_done)
+
+    def _ack_done(self, future: concurrent.futures.Future[None]) -> None:
+        with self._acks_lock:
+            self._acks.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("keyedpool: ack failed: %r (the message will come again)",
+                        future.exception())
+
+    def _write_dead_letter(self, message: NatsMessage, error: BaseException) -> None:
+        if self._dead_subject is not None:
+            assert self._loop is not None and self._js is not None
+            headers = dict(message.headers or {})
+            headers["Keyedpool-Error"] = repr(error)[:1000]
+            headers["Keyedpool-Source-Subject"] = message.subject
+            headers["Keyedpool-Source-Seq"] = str(message.stream_seq)
+            self._loop.call(
+                self._js.publish(self._dead_subject, message.data, headers=headers),
+                timeout=10.0,
+            )
+        else:
+            log.error("keyedpool: dropping message %d of %s (key %r) after: %r",
+                      message.stream_seq, message.subject, message.key, error)
+        with self._dead_lock:
+            self._dead.add(message.stream_seq)
+        if self._on_dead_letter is not None:
+            try:
+                self._on_dead_letter(message, error)
+            except Exception:
+                log.exception("keyedpool: on_dead_letter raised")
+
+    # -- stopping -----------------------------------------------------------------
+
+    def _finish(self, fetching: concurrent.futures.Future[None] | None) -> None:
+        loop = self._loop
+        try:
+            if fetching is not None:
+                try:
+                    fetching.result(self._fetch_timeout * 4 + 10)
+                except Exception:
+                    log.exception("keyedpool: fetching stopped with an error")
+            if not self._handling.drain(self._drain_timeout):
+                log.warning(
+                    "keyedpool: %d messages still in flight at stop; they will be "
+                    "delivered again", self._handling.in_flight,
+                )
+            with self._acks_lock:
+                pending = list(self._acks)
+            concurrent.futures.wait(pending, timeout=10.0)
+            if loop is not None and self._nc is not None:
+                try:
+                    # Not drain(): it waits for pull subscriptions' queues to be
+                    # marked done, which fetch() never does.
+                    loop.call(self._close_connection(self._nc), timeout=10.0)
+                except Exception:
+                    log.warning("keyedpool: closing the NATS connection failed", exc_info=True)
+        finally:
+            self._handling.close()
+            if self._own_pool:
+                self._pool.shutdown(wait=True)
+            if loop is not None:
+                loop.close()
+            self._stopped.set()
