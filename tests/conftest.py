@@ -20,7 +20,10 @@ def no_thread_left_behind() -> Iterator[None]:
         extra = [
             t
             for t in threading.enumerate()
-            if t not in before and t.is_alive() and "KeyedPool" in t.name
+            if t not in before
+            and t.is_alive()
+            # every pool has a dispatcher, whatever its prefix
+            and ("keyedpool" in t.name.lower() or t.name.endswith("_dispatcher"))
         ]
         if not extra or time.monotonic() > deadline:
             break
