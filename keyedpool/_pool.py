@@ -108,7 +108,9 @@ class Pool:
 
     def _check_open(self) -> None:
         if isinstance(self.halt, BrokenKeyedPool):
-            raise self.halt
+            # A fresh instance per call: one shared instance would collect
+            # the tracebacks of every caller.
+            raise BrokenKeyedPool(str(self.halt))
         if _process.exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self.closed:
