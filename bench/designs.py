@@ -94,18 +94,19 @@ class Design(abc.ABC):
     #: Whether it keeps the order of tasks per key (order violations must be 0).
     ordered: ClassVar[bool]
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int) -> None:
         self._threads_before = threading.active_count()
+        self._workers = workers
 
     @classmethod
-    @abc.abstractmethod
     def create(cls, workers: int) -> Design:
         """Make the design with *workers* threads (the per-topic design has its own count)."""
+        return cls(workers)
 
     @property
-    @abc.abstractmethod
     def workers(self) -> int:
         """The number of threads that run tasks (for the ideal I/O throughput)."""
+        return self._workers
 
     @abc.abstractmethod
     def submit(self, key: Key | None, fn: Handler, /, *args: Any, topic: int = 0) -> Future[Any]:
@@ -136,18 +137,9 @@ class KeyedKeyed(Design):
     ordered = True
 
     def __init__(self, workers: int) -> None:
-        super().__init__()
+        super().__init__(workers)
         self._pool = KeyedPoolExecutor(workers, thread_name_prefix="bench-kp")
         self._submit = self._pool.submit
-        self._workers = workers
-
-    @classmethod
-    def create(cls, workers: int) -> Design:
-        return cls(workers)
-
-    @property
-    def workers(self) -> int:
-        return self._workers
 
     def submit(self, key: Key | None, fn: Handler, /, *args: Any, topic: int = 0) -> Future[Any]:
         return self._submit(key, fn, *args)
@@ -181,18 +173,9 @@ class Stdlib(Design):
     ordered = False
 
     def __init__(self, workers: int) -> None:
-        super().__init__()
+        super().__init__(workers)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="bench-tpe")
         self._submit = self._pool.submit
-        self._workers = workers
-
-    @classmethod
-    def create(cls, workers: int) -> Design:
-        return cls(workers)
-
-    @property
-    def workers(self) -> int:
-        return self._workers
 
     def submit(self, key: Key | None, fn: Handler, /, *args: Any, topic: int = 0) -> Future[Any]:
         return self._submit(fn, *args)
@@ -220,7 +203,7 @@ class PerTopic(Design):
     PER_TOPIC = 1024
 
     def __init__(self, topics: int = TOPICS, per_topic: int = PER_TOPIC) -> None:
-        super().__init__()
+        super().__init__(topics * per_topic)
         self._topics = topics
         self._per_topic = per_topic
         self._queues: list[list[queue.SimpleQueue[_Work | None]]] = [
@@ -240,10 +223,6 @@ class PerTopic(Design):
     def create(cls, workers: int) -> Design:
         # Always the note's 3 x 1024: that is the design being compared.
         return cls()
-
-    @property
-    def workers(self) -> int:
-        return self._topics * self._per_topic
 
     def submit(self, key: Key | None, fn: Handler, /, *args: Any, topic: int = 0) -> Future[Any]:
         if self._closed:
@@ -292,8 +271,7 @@ class NoteLiteral(Design):
     WORKER_QUEUE = 100
 
     def __init__(self, workers: int) -> None:
-        super().__init__()
-        self._workers = workers
+        super().__init__(workers)
         self._inbox: queue.Queue[object] = queue.Queue(workers * 100)
         self._queues: list[queue.Queue[_Work | None]] = [
             queue.Queue(self.WORKER_QUEUE) for _ in range(workers)
@@ -308,14 +286,6 @@ class NoteLiteral(Design):
         )
         for thread in self._threads:
             thread.start()
-
-    @classmethod
-    def create(cls, workers: int) -> Design:
-        return cls(workers)
-
-    @property
-    def workers(self) -> int:
-        return self._workers
 
     def submit(self, key: Key | None, fn: Handler, /, *args: Any, topic: int = 0) -> Future[Any]:
         if self._closed:
@@ -373,20 +343,13 @@ class HashedSingle(Design):
     ordered = True
 
     def __init__(self, workers: int) -> None:
-        super().__init__()
+        super().__init__(workers)
         self._executors = [
             ThreadPoolExecutor(1, thread_name_prefix=f"bench-hashed{i}") for i in range(workers)
         ]
         self._submits = [executor.submit for executor in self._executors]
         self._next = itertools.count()
 
-    @classmethod
-    def create(cls, workers: int) -> Design:
-        return cls(workers)
-
-    @property
-    def workers(self) -> int:
-        return len(self._executors)
 
     def submit(self, key: Key | None, fn: Handler, /, *args: Any, topic: int = 0) -> Future[Any]:
         submits = self._submits
