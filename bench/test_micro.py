@@ -265,3 +265,21 @@ def test_batch_keyedpool(
 def test_batch_threadpool(benchmark: Any, stdlib_pool: ThreadPoolExecutor) -> None:
     got = benchmark(_batch, lambda i: stdlib_pool.submit(int, i))
     assert got == sum(range(BATCH))
+
+
+# -- stats -----------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="stats")
+def test_stats_with_a_full_pool(benchmark: Any) -> None:
+    """``stats()`` on a pool of 32 workers holding its default 3,200 pending tasks."""
+    gate = threading.Event()
+    pool = KeyedPoolExecutor(32)
+    try:
+        futures = [pool.submit(f"order-{i % 500}", gate.wait, LIMIT) for i in range(3200)]
+        snapshot = benchmark(pool.stats)
+        assert snapshot.pending == 3200 and snapshot.top_keys
+    finally:
+        gate.set()
+        pool.shutdown()
+    assert all(f.result(LIMIT) for f in futures)
