@@ -6,6 +6,7 @@ import itertools
 import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from contextvars import copy_context
 from time import monotonic
 from types import TracebackType
@@ -109,7 +110,7 @@ class KeyedPoolExecutor:
 
     def submit(
         self, key: Key | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
-    ) -> Task:
+    ) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)`` and return its future.
 
         Tasks with the same *key* run one at a time, in the order their submit
@@ -133,7 +134,7 @@ class KeyedPoolExecutor:
         *,
         on_full: OnFull | None = None,
         full_timeout: float | None = None,
-    ) -> Task:
+    ) -> Future[T]:
         """Like ``submit``, with this call's own backpressure: ``on_full`` and ``full_timeout``.
 
         ``None`` for either uses the pool's setting. For example, a web view that
@@ -201,6 +202,7 @@ class KeyedPoolExecutor:
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        deadline = None if timeout is None else monotonic() + timeout
         if callable(key):
             keyof = key
             futures = [
@@ -209,7 +211,6 @@ class KeyedPoolExecutor:
         else:
             check_key(key)
             futures = [self.submit(key, fn, *args) for args in zip(*iterables, strict=False)]
-        deadline = None if timeout is None else monotonic() + timeout
         return _results(futures, deadline)
 
     def executor(self, key: Key | None = None) -> KeyExecutor:
@@ -285,7 +286,7 @@ class KeyedPoolExecutor:
         )
 
 
-def _results(futures: list[Task], deadline: float | None) -> Iterator[Any]:
+def _results(futures: list[Future[Any]], deadline: float | None) -> Iterator[Any]:
     # As in concurrent.futures: yield in order; on early exit cancel the rest.
     try:
         futures.reverse()
