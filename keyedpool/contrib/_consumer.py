@@ -70,12 +70,15 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import monotonic
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import mmh3
 
 from keyedpool import Key, KeyedPoolExecutor
 from keyedpool._routing import check_key
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # noqa: UP035 - typing.Self is 3.11+
 
 __all__ = [
     "ConsumerStats",
@@ -675,3 +678,161 @@ def valid_key(key: object) -> Key | None:
                   "runs without one (no order kept for it)", key)
         return None
     return key  # type: ignore[return-value]
+
+
+def check_handler(handler: object) -> None:
+    """Raise TypeError unless *handler* is callable."""
+    if not callable(handler):
+        raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+
+
+def check_pool(pool: object) -> None:
+    """Raise TypeError unless *pool* is a KeyedPoolExecutor or None."""
+    if pool is not None and not isinstance(pool, KeyedPoolExecutor):
+        raise TypeError(f"pool must be a KeyedPoolExecutor, not {type(pool).__name__}")
+
+
+def check_sharding(shards: object, process_index: object, process_count: object) -> None:
+    """Raise TypeError/ValueError unless this process reads some of *shards* shards."""
+    check_positive("shards", shards)
+    check_positive("process_count", process_count)
+    if isinstance(process_index, bool) or not isinstance(process_index, int):
+        raise TypeError("process_index must be an int")
+    assert isinstance(shards, int) and isinstance(process_count, int)
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index must be in 0..{process_count - 1} (process_count={process_count})"
+        )
+    if process_count > shards:
+        raise ValueError(
+            f"process_count ({process_count}) is more than shards ({shards}): "
+            "some processes would read nothing; use more shards"
+        )
+
+
+class _ConsumerBase:
+    """The lifecycle the broker consumers share: run/start once, stop, error, context manager.
+
+    A subclass calls :meth:`_init_lifecycle` in ``__init__`` and provides
+    ``_open`` (set up in the calling thread; raises what is wrong),
+    ``_consume`` (fetch until stopping; opens first if ``_open`` was not
+    called) and ``_finish`` (drain, settle, close; sets ``_stopped``).
+    """
+
+    _handling: KeyedHandling[Any]
+
+    def _init_lifecycle(
+        self, thread_name: str, pool: KeyedPoolExecutor | None, max_workers: int | None
+    ) -> None:
+        self._thread_name = thread_name
+        self._own_pool = pool is None
+        self._pool = (
+            pool
+            if pool is not None
+            else KeyedPoolExecutor(max_workers, thread_name_prefix=thread_name)
+        )
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._runner: threading.Thread | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    # -- the hooks of a subclass --------------------------------------------------
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _consume(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def _finish_unstarted(self) -> None:
+        """Close a consumer that will never run (failed start, or stop before start)."""
+        self._finish()
+
+    def _set_stop_timeout(self, timeout: float | None) -> None:
+        raise NotImplementedError
+
+    def _wake(self) -> None:
+        """Wake up the fetching loop after ``_stopping`` was set."""
+
+    # -- the shared lifecycle -----------------------------------------------------
+
+    def run(self) -> None:
+        with self._start_lock:
+            if self._started:
+                raise RuntimeError("keyedpool: this consumer was already started")
+            self._started = True
+            self._runner = threading.current_thread()
+        self._run()
+
+    def start(self) -> Self:
+        with self._start_lock:
+            if self._started:
+                raise RuntimeError("keyedpool: this consumer was already started")
+            self._started = True
+            try:
+                self._open()
+            except BaseException as exc:
+                self._error = exc
+                self._finish_unstarted()
+                raise
+            self._thread = run_in_background(self._run, self._thread_name, self._stop_at_exit)
+            # So that a stop() right after start() waits for run() to finish.
+            self._runner = self._thread
+        return self
+
+    def _run(self) -> None:
+        try:
+            self._consume()
+        except BaseException as exc:
+            self._error = exc
+            self._stopping.set()
+            raise
+        finally:
+            # Fetching ends only on stop or on an error: either way, stopping.
+            self._stopping.set()
+            self._finish()
+
+    def _stop_at_exit(self) -> None:
+        if not self._stopped.is_set():
+            self.stop()
+
+    def stop(self, timeout: float | None = 30.0, *, wait: bool = True) -> bool:
+        if timeout is not None:
+            check_seconds("timeout", timeout, allow_zero=True)
+        self._set_stop_timeout(timeout)
+        self._stopping.set()
+        self._wake()
+        with self._start_lock:
+            runner = self._runner
+            if runner is None and not self._started:
+                self._started = True  # never runs now
+                self._finish_unstarted()
+        if not wait or runner is None or runner is threading.current_thread():
+            return False
+        self._stopped.wait()
+        if self._error is not None:
+            raise self._error
+        return self._handling.in_flight == 0
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that stopped the consumer, if one did (:meth:`stop` raises it too)."""
+        return self._error
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called: no more fetching."""
+        return self._stopping.is_set()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

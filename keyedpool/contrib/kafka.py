@@ -69,7 +69,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from confluent_kafka import (
     Consumer,
@@ -87,10 +87,12 @@ from ._consumer import (
     DeadLetter,
     KeyedHandling,
     RetryPolicy,
+    _ConsumerBase,
+    check_handler,
+    check_pool,
     check_positive,
     check_seconds,
     read_key,
-    run_in_background,
 )
 
 __all__ = [
@@ -102,7 +104,6 @@ __all__ = [
 
 log = logging.getLogger("keyedpool.contrib.kafka")
 
-_Self = TypeVar("_Self", bound="KafkaConsumer")
 
 # The consumer stores and commits offsets itself, only after the handler succeeded.
 _OWNED_SETTINGS = ("enable.auto.commit", "enable.auto.offset.store")
@@ -199,7 +200,7 @@ class _PartitionOffsets:
         return TopicPartition(self.topic, self.partition, position)
 
 
-class KafkaConsumer:
+class KafkaConsumer(_ConsumerBase):
     """Consume Kafka topics in a consumer group and run a handler per message on a keyed pool.
 
     Args:
@@ -287,8 +288,7 @@ class KafkaConsumer:
         revoke_timeout: float = 10.0,
     ) -> None:
         self._topics = _check_topics(topics)
-        if not callable(handler):
-            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        check_handler(handler)
         if key is not None and not (isinstance(key, str) or callable(key)):
             raise TypeError(
                 f"key must be a header name (str), a function of the message or None, "
@@ -317,8 +317,7 @@ class KafkaConsumer:
         ):
             if hook is not None and not callable(hook):
                 raise TypeError(f"{name} must be callable or None, not {type(hook).__name__}")
-        if pool is not None and not isinstance(pool, KeyedPoolExecutor):
-            raise TypeError(f"pool must be a KeyedPoolExecutor, not {type(pool).__name__}")
+        check_pool(pool)
         if pool is not None and max_workers is not None:
             raise ValueError("give either pool or max_workers, not both")
         check_positive("batch", batch)
@@ -366,14 +365,7 @@ class KafkaConsumer:
         self._poll_timeout = float(poll_timeout)
         self._revoke_timeout = float(revoke_timeout)
 
-        self._own_pool = pool is None
-        self._pool = (
-            pool
-            if pool is not None
-            else KeyedPoolExecutor(
-                max_workers, thread_name_prefix=f"keyedpool-kafka-{self._topics[0]}"
-            )
-        )
+        self._init_lifecycle(f"keyedpool-kafka-{self._topics[0]}", pool, max_workers)
         self._handling: KeyedHandling[_Delivery] = KeyedHandling(
             self._call_handler,
             pool=self._pool,
@@ -398,15 +390,8 @@ class KafkaConsumer:
         self._commits = 0
         self._producer: Producer | None = None
         self._producer_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._stopped = threading.Event()
         self._deadline: float | None = None
-        self._started = False
-        self._start_lock = threading.Lock()
-        self._runner: threading.Thread | None = None
-        self._thread: threading.Thread | None = None
         self._consumer: Consumer | None = None
-        self._error: BaseException | None = None
 
     # -- public -------------------------------------------------------------------
 
@@ -418,12 +403,7 @@ class KafkaConsumer:
         dead-letter topic), after stopping as gracefully as it can; the same
         error is kept in :attr:`error` and raised again by :meth:`stop`.
         """
-        with self._start_lock:
-            if self._started:
-                raise RuntimeError("keyedpool: this consumer was already started")
-            self._started = True
-            self._runner = threading.current_thread()
-        self._run()
+        super().run()
 
     def start(self) -> KafkaConsumer:
         """Connect and subscribe, then run :meth:`run` in a background thread; return self.
@@ -432,22 +412,7 @@ class KafkaConsumer:
         thread is not a daemon; the consumer is stopped gracefully (as by
         :meth:`stop`) when the interpreter exits.
         """
-        with self._start_lock:
-            if self._started:
-                raise RuntimeError("keyedpool: this consumer was already started")
-            self._started = True
-            try:
-                self._consumer = self._open()
-            except BaseException as exc:
-                self._error = exc
-                self._finish(None)
-                raise
-            self._thread = run_in_background(
-                self._run, f"keyedpool-kafka-{self._topics[0]}", self._stop_at_exit
-            )
-            # So that a stop() right after start() waits for run() to finish.
-            self._runner = self._thread
-        return self
+        return super().start()
 
     def stop(self, timeout: float | None = 30.0, *, wait: bool = True) -> bool:
         """Stop fetching, wait (at most *timeout* s) for in-flight messages, commit, close.
@@ -461,32 +426,19 @@ class KafkaConsumer:
         consumer made its own pool). If the consumer stopped because of an
         error (see :attr:`error`), that error is raised here.
         """
+        return super().stop(timeout, wait=wait)
+
+    def _set_stop_timeout(self, timeout: float | None) -> None:
         if timeout is not None:
-            check_seconds("timeout", timeout, allow_zero=True)
             self._deadline = time.monotonic() + timeout
-        self._stopping.set()
+
+    def _wake(self) -> None:
         self._wakeup.set()
-        with self._start_lock:
-            runner = self._runner
-            if runner is None and not self._started:
-                self._started = True  # never runs now
-                self._finish(None)
-        if not wait or runner is None or runner is threading.current_thread():
-            return False
-        self._stopped.wait()
-        if self._error is not None:
-            raise self._error
-        return self._handling.in_flight == 0
 
     @property
     def stopping(self) -> bool:
         """True once :meth:`stop` was called (or the consumer stopped): no more fetching."""
         return self._stopping.is_set()
-
-    @property
-    def error(self) -> BaseException | None:
-        """The exception that stopped the consumer, if one did (:meth:`stop` raises it too)."""
-        return self._error
 
     def stats(self) -> ConsumerStats:
         """Counters: received, handled, retries, dead-lettered, in flight...
@@ -510,20 +462,12 @@ class KafkaConsumer:
         """The pool the handlers run on."""
         return self._pool
 
-    def __enter__(self: _Self) -> _Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # -- the polling thread -------------------------------------------------------
 
-    def _stop_at_exit(self) -> None:
-        if not self._stopped.is_set():
-            self.stop()
+    def _open(self) -> None:
+        self._consumer = self._open_consumer()
 
-    def _open(self) -> Consumer:
+    def _open_consumer(self) -> Consumer:
         consumer = Consumer(self._config)
         try:
             self._check_dead_letter_topics(consumer)
@@ -556,18 +500,11 @@ class KafkaConsumer:
                     "dead_letter=None to log and skip failed messages"
                 )
 
-    def _run(self) -> None:
-        consumer = self._consumer
-        try:
-            if consumer is None:
-                consumer = self._consumer = self._open()
-            self._loop(consumer)
-        except BaseException as exc:
-            self._error = exc
-            self._stopping.set()
-            raise
-        finally:
-            self._finish(consumer)
+    def _consume(self) -> None:
+        if self._consumer is None:
+            self._open()
+        assert self._consumer is not None
+        self._loop(self._consumer)
 
     def _loop(self, consumer: Consumer) -> None:
         handling = self._handling
@@ -708,7 +645,8 @@ class KafkaConsumer:
                 wait = min(wait, left)
             self._wakeup.wait(wait)
 
-    def _finish(self, consumer: Consumer | None) -> None:
+    def _finish(self) -> None:
+        consumer = self._consumer
         try:
             if consumer is not None:
                 assignment = consumer.assignment()

@@ -83,10 +83,13 @@ from ._consumer import (
     DeadLetter,
     KeyedHandling,
     RetryPolicy,
+    _ConsumerBase,
+    check_handler,
+    check_pool,
     check_positive,
     check_seconds,
+    check_sharding,
     read_key,
-    run_in_background,
     shard_of,
 )
 
@@ -285,7 +288,7 @@ class _Shard:
         self.settled_order: deque[int] = deque()
 
 
-class NatsConsumer:
+class NatsConsumer(_ConsumerBase):
     """Fetch from a sharded JetStream stream and run a handler per message on a pool.
 
     Args:
@@ -351,21 +354,8 @@ class NatsConsumer:
     ) -> None:
         if not isinstance(stream, str) or not stream or "." in stream:
             raise ValueError("stream must be a non-empty str without dots (a JetStream name)")
-        if not callable(handler):
-            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
-        check_positive("shards", shards)
-        check_positive("process_count", process_count)
-        if isinstance(process_index, bool) or not isinstance(process_index, int):
-            raise TypeError("process_index must be an int")
-        if not 0 <= process_index < process_count:
-            raise ValueError(
-                f"process_index must be in 0..{process_count - 1} (process_count={process_count})"
-            )
-        if process_count > shards:
-            raise ValueError(
-                f"process_count ({process_count}) is more than shards ({shards}): "
-                "some processes would read nothing; use more shards"
-            )
+        check_handler(handler)
+        check_sharding(shards, process_index, process_count)
         if not (isinstance(key, str) or callable(key)):
             raise TypeError("key must be a header name (str) or a function of the message")
         if on_dead_letter is not None and not callable(on_dead_letter):
@@ -373,8 +363,7 @@ class NatsConsumer:
         check_positive("batch", batch)
         check_seconds("poll_timeout", poll_timeout)
         check_seconds("ack_wait", ack_wait)
-        if pool is not None and not isinstance(pool, KeyedPoolExecutor):
-            raise TypeError(f"pool must be a KeyedPoolExecutor, not {type(pool).__name__}")
+        check_pool(pool)
         self._servers = servers
         self._stream = stream
         self._subject = subject or stream
@@ -391,10 +380,7 @@ class NatsConsumer:
             for s in range(shards)
             if s % process_count == process_index
         ]
-        self._own_pool = pool is None
-        self._pool = pool if pool is not None else KeyedPoolExecutor(
-            max_workers, thread_name_prefix=f"keyedpool-nats-{stream}"
-        )
+        self._init_lifecycle(f"keyedpool-nats-{stream}", pool, max_workers)
         if max_in_flight is None:
             # Leave room in the pool for a fetch that overshoots (one batch per shard).
             max_in_flight = max(1, self._pool.max_pending // 2)
@@ -414,16 +400,10 @@ class NatsConsumer:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._room: asyncio.Event | None = None
-        self._stopping = threading.Event()
-        self._stopped = threading.Event()
-        self._runner: threading.Thread | None = None
-        self._thread: threading.Thread | None = None
+        self._fetching: concurrent.futures.Future[None] | None = None
         self._drain_timeout: float | None = None
         self._acks: set[concurrent.futures.Future[None]] = set()
         self._acks_lock = threading.Lock()
-        self._error: BaseException | None = None
-        self._started = False
-        self._start_lock = threading.Lock()
 
     # -- public -------------------------------------------------------------------
 
@@ -440,12 +420,7 @@ class NatsConsumer:
         good) is raised after a graceful stop, kept in :attr:`error`, and
         raised again by :meth:`stop`.
         """
-        with self._start_lock:
-            if self._started:
-                raise RuntimeError("keyedpool: this consumer was already started")
-            self._started = True
-            self._runner = threading.current_thread()
-        self._run()
+        super().run()
 
     def start(self) -> NatsConsumer:
         """Connect and bind the shard consumers, then run :meth:`run` in a background thread.
@@ -454,51 +429,7 @@ class NatsConsumer:
         thread is not a daemon; the consumer is stopped gracefully (as by
         :meth:`stop`) when the interpreter exits.
         """
-        with self._start_lock:
-            if self._started:
-                raise RuntimeError("keyedpool: this consumer was already started")
-            self._started = True
-            try:
-                self._open()
-            except BaseException as exc:
-                self._error = exc
-                self._stopping.set()
-                self._finish(None)
-                raise
-            self._thread = run_in_background(
-                self._run, f"keyedpool-nats-{self._stream}", self._stop_at_exit
-            )
-            self._runner = self._thread
-        return self
-
-    def _open(self) -> None:
-        loop = self._loop = _Loop(f"keyedpool-nats-{self._stream}-io")
-        loop.call(self._connect())
-
-    def _run(self) -> None:
-        fetching: concurrent.futures.Future[None] | None = None
-        try:
-            if self._loop is None:
-                self._open()
-            loop = self._loop
-            assert loop is not None
-            fetching = loop.submit(self._fetch_all())
-            # Fetching ends only on stop or on an error: either way, wake up.
-            fetching.add_done_callback(lambda _: self._stopping.set())
-            while not self._stopping.wait(self._ack_wait / 3):
-                loop.call(self._still_working())
-            if fetching.done() and not fetching.cancelled():
-                fetching.result()  # raises what stopped the fetching, if anything
-        except BaseException as exc:
-            self._error = exc
-            raise
-        finally:
-            self._stopping.set()
-            self._finish(fetching)
-
-    def _stop_at_exit(self) -> None:
-        if not self._stopped.is_set():
-            self.stop()
+        return super().start()
 
     def stop(self, timeout: float | None = 30.0, *, wait: bool = True) -> bool:
         """Stop fetching, wait for the in-flight messages (at most *timeout* s), ack them, close.
@@ -510,42 +441,35 @@ class NatsConsumer:
         If the consumer stopped because of an error (see :attr:`error`), that
         error is raised here.
         """
-        if timeout is not None:
-            check_seconds("timeout", timeout, allow_zero=True)
-        self._drain_timeout = timeout
-        self._stopping.set()
-        with self._start_lock:
-            runner = self._runner
-            if runner is None and not self._started:
-                self._started = True  # never runs now
-                self._finish(None)
-        if not wait or runner is None or runner is threading.current_thread():
-            return False
-        self._stopped.wait()
-        if self._error is not None:
-            raise self._error
-        return self._handling.in_flight == 0
-
-    @property
-    def error(self) -> BaseException | None:
-        """The exception that stopped the consumer, if one did (:meth:`stop` raises it too)."""
-        return self._error
-
-    @property
-    def stopping(self) -> bool:
-        """True once :meth:`stop` was called: no more fetching."""
-        return self._stopping.is_set()
+        return super().stop(timeout, wait=wait)
 
     def stats(self) -> ConsumerStats:
         """Counters: handled, retries, dead-lettered, redelivered, duplicates, in flight..."""
         return self._handling.stats()
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
+    def _open(self) -> None:
+        loop = self._loop = _Loop(f"keyedpool-nats-{self._stream}-io")
+        loop.call(self._connect())
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _consume(self) -> None:
+        if self._loop is None:
+            self._open()
+        loop = self._loop
+        assert loop is not None
+        fetching = self._fetching = loop.submit(self._fetch_all())
+        # Fetching ends only on stop or on an error: either way, wake up.
+        fetching.add_done_callback(lambda _: self._stopping.set())
+        while not self._stopping.wait(self._ack_wait / 3):
+            loop.call(self._still_working())
+        if fetching.done() and not fetching.cancelled():
+            fetching.result()  # raises what stopped the fetching, if anything
+
+    def _set_stop_timeout(self, timeout: float | None) -> None:
+        self._drain_timeout = timeout
+
+    def _finish_unstarted(self) -> None:
+        self._stopping.set()
+        self._finish()
 
     # -- on the loop thread -------------------------------------------------------
 
@@ -745,8 +669,8 @@ class NatsConsumer:
 
     # -- stopping -----------------------------------------------------------------
 
-    def _finish(self, fetching: concurrent.futures.Future[None] | None) -> None:
-        loop = self._loop
+    def _finish(self) -> None:
+        loop, fetching = self._loop, self._fetching
         try:
             if fetching is not None:
                 try:

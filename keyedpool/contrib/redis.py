@@ -51,24 +51,24 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 
 from keyedpool import Key, KeyedPoolExecutor
-
-if TYPE_CHECKING:
-    from typing_extensions import Self  # noqa: UP035 - typing.Self is 3.11+
 
 from ._consumer import (
     ConsumerStats,
     DeadLetter,
     KeyedHandling,
     RetryPolicy,
+    _ConsumerBase,
+    check_handler,
+    check_pool,
     check_positive,
     check_seconds,
+    check_sharding,
     read_key,
-    run_in_background,
     shard_of,
 )
 
@@ -147,7 +147,7 @@ class RedisMessage:
         return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisConsumer:
+class RedisConsumer(_ConsumerBase):
     """Read a sharded Redis stream with a consumer group and run a handler per entry on a pool.
 
     Args:
@@ -212,21 +212,8 @@ class RedisConsumer:
             raise TypeError("stream must be a non-empty str")
         if not isinstance(group, str) or not group:
             raise TypeError("group must be a non-empty str")
-        if not callable(handler):
-            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
-        check_positive("shards", shards)
-        check_positive("process_count", process_count)
-        if isinstance(process_index, bool) or not isinstance(process_index, int):
-            raise TypeError("process_index must be an int")
-        if not 0 <= process_index < process_count:
-            raise ValueError(
-                f"process_index must be in 0..{process_count - 1} (process_count={process_count})"
-            )
-        if process_count > shards:
-            raise ValueError(
-                f"process_count ({process_count}) is more than shards ({shards}): "
-                "some processes would read nothing; use more shards"
-            )
+        check_handler(handler)
+        check_sharding(shards, process_index, process_count)
         if not (isinstance(key, str) or callable(key)):
             raise TypeError(
                 "key must be a field name (str) or a function of the message"
@@ -235,10 +222,7 @@ class RedisConsumer:
             raise TypeError("on_dead_letter must be callable or None")
         check_positive("batch", batch)
         check_seconds("poll_timeout", poll_timeout)
-        if pool is not None and not isinstance(pool, KeyedPoolExecutor):
-            raise TypeError(
-                f"pool must be a KeyedPoolExecutor, not {type(pool).__name__}"
-            )
+        check_pool(pool)
         self._client = client
         self._stream = stream
         self._group = group
@@ -255,12 +239,7 @@ class RedisConsumer:
         self._on_dead_letter = on_dead_letter
         self._batch = batch
         self._block = poll_timeout
-        self._own_pool = pool is None
-        self._pool = (
-            pool
-            if pool is not None
-            else KeyedPoolExecutor(max_workers, thread_name_prefix=f"keyedpool-redis-{stream}")
-        )
+        self._init_lifecycle(f"keyedpool-redis-{stream}", pool, max_workers)
         self._user_handler = handler
         self._handling: KeyedHandling[RedisMessage] = KeyedHandling(
             handler,
@@ -273,15 +252,8 @@ class RedisConsumer:
         )
         self._acks: list[tuple[str, str]] = []
         self._acks_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._runner: threading.Thread | None = None
         self._drain_timeout: float | None = None
-        self._error: BaseException | None = None
-        self._started = False
         self._set_up = False
-        self._start_lock = threading.Lock()
 
     # -- public -------------------------------------------------------------------
 
@@ -303,12 +275,7 @@ class RedisConsumer:
         say) is raised after a graceful stop, kept in :attr:`error`, and raised
         again by :meth:`stop`.
         """
-        with self._start_lock:
-            if self._started:
-                raise RuntimeError("keyedpool: this consumer was already started")
-            self._started = True
-            self._runner = threading.current_thread()
-        self._run()
+        super().run()
 
     def start(self) -> RedisConsumer:
         """Create the consumer groups, then run :meth:`run` in a background thread; return self.
@@ -317,42 +284,7 @@ class RedisConsumer:
         The thread is not a daemon; the consumer is stopped gracefully (as by
         :meth:`stop`) when the interpreter exits.
         """
-        with self._start_lock:
-            if self._started:
-                raise RuntimeError("keyedpool: this consumer was already started")
-            self._started = True
-            try:
-                self._setup()
-            except BaseException as exc:
-                self._error = exc
-                self._finish()
-                raise
-            self._thread = run_in_background(
-                self._run, f"keyedpool-redis-{self._stream}", self._stop_at_exit
-            )
-            self._runner = self._thread
-        return self
-
-    def _run(self) -> None:
-        try:
-            if not self._set_up:
-                self._setup()
-            self._recover()
-            while not self._stopping.is_set():
-                self._flush_acks()
-                room = self._handling.wait_for_room(self._block)
-                if room and not self._stopping.is_set():
-                    self._fetch(room)
-        except BaseException as exc:
-            self._error = exc
-            self._stopping.set()
-            raise
-        finally:
-            self._finish()
-
-    def _stop_at_exit(self) -> None:
-        if not self._stopped.is_set():
-            self.stop()
+        return super().start()
 
     def stop(self, timeout: float | None = 30.0, *, wait: bool = True) -> bool:
         """Stop fetching, wait for the in-flight entries (at most *timeout* s), ack them, close.
@@ -365,46 +297,28 @@ class RedisConsumer:
         process of this ``process_index``. If the consumer stopped because of
         an error (see :attr:`error`), that error is raised here.
         """
-        if timeout is not None:
-            check_seconds("timeout", timeout, allow_zero=True)
-        self._drain_timeout = timeout
-        self._stopping.set()
-        with self._start_lock:
-            runner = self._runner
-            if runner is None and not self._started:
-                self._started = True  # never runs now
-                self._finish()
-        if not wait or runner is None or runner is threading.current_thread():
-            return False
-        self._stopped.wait()
-        if self._error is not None:
-            raise self._error
-        return self._handling.in_flight == 0
-
-    @property
-    def error(self) -> BaseException | None:
-        """The exception that stopped the consumer, if one did (:meth:`stop` raises it too)."""
-        return self._error
-
-    @property
-    def stopping(self) -> bool:
-        """True once :meth:`stop` was called: no more fetching."""
-        return self._stopping.is_set()
+        return super().stop(timeout, wait=wait)
 
     def stats(self) -> ConsumerStats:
         """Counters: handled, retries, dead-lettered, redelivered, in flight..."""
         return self._handling.stats()
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
+    def _set_stop_timeout(self, timeout: float | None) -> None:
+        self._drain_timeout = timeout
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _consume(self) -> None:
+        if not self._set_up:
+            self._open()
+        self._recover()
+        while not self._stopping.is_set():
+            self._flush_acks()
+            room = self._handling.wait_for_room(self._block)
+            if room and not self._stopping.is_set():
+                self._fetch(room)
 
     # -- fetching -----------------------------------------------------------------
 
-    def _setup(self) -> None:
+    def _open(self) -> None:
         for stream in self._shards:
             try:
                 self._client.xgroup_create(stream, self._group, id="0", mkstream=True)
@@ -473,7 +387,7 @@ class RedisConsumer:
             )
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):
-                self._setup()
+                self._open()
                 return
             raise
         except redis.ConnectionError:

@@ -249,3 +249,289 @@ def _check_log_rewinds(path: Path, expected: dict[str, int]) -> LogCheck:
                 prefix += 1
         check.lost.extend((key, s) for s in range(count) if s not in seen)
     return check
+
+
+def keys_on_distinct_workers(count: int, workers: int, prefix: str) -> list[str]:
+    """*count* keys that run on *count* different workers of a pool of *workers*."""
+    from keyedpool._routing import worker_index
+
+    keys: dict[int, str] = {}
+    i = 0
+    while len(keys) < count:
+        keys.setdefault(worker_index(f"{prefix}{i}", workers), f"{prefix}{i}")
+        i += 1
+    return list(keys.values())
+
+
+def run_two_sharded_processes(
+    log: Path,
+    keys: list[str],
+    config: Callable[[int], dict[str, Any]],
+    share: Callable[[int], int],
+    owner: Callable[[str], int],
+) -> None:
+    """Run processes 0 and 1 until each handled its *share* of 100 messages per key.
+
+    Checks that nothing was lost, duplicated or reordered, and that each key ran
+    only in the process that owns its shard (``owner(key)``).
+    """
+    procs = [ConsumerProcess(config(i)) for i in range(2)]
+    try:
+        for i, proc in enumerate(procs):
+            proc.wait_handled(share(i))
+        stats = [proc.stop() for proc in procs]
+    finally:
+        for proc in procs:
+            proc.close()
+    check = check_log(log, dict.fromkeys(keys, 100))
+    assert check.lost == []
+    assert check.violations == []
+    assert check.duplicates == 0
+    assert check.total == len(keys) * 100
+    # Each key was handled by exactly one process: the one that owns its shard.
+    for key, records in check.by_key.items():
+        assert {pid for pid, _, _ in records} == {procs[owner(key)].pid}
+    assert sum(s["handled"] for s in stats) == len(keys) * 100
+
+
+def sigkill_process_1_mid_stream(
+    broker: str,
+    log: Path,
+    keys: list[str],
+    config: Callable[..., dict[str, Any]],
+    publish: Callable[[range], None],
+    share: Callable[[int, int], int],
+    capsys: Any,
+    *,
+    after_kill: Callable[[], None] | None = None,
+) -> None:
+    """Kill process 1 mid-stream, start its replacement: nothing lost, order kept.
+
+    50 messages per key are published, then 50 more after the kill. *config*
+    is ``config(process_index, **extra)``; *share* is ``share(process_index,
+    seqs_per_key)``. *after_kill* runs right after the kill (to check that
+    the broker still holds the dead process's unacked messages).
+    """
+    publish(range(50))
+    # Process 1 stops making progress after 300 messages, with more in flight:
+    # it is killed there, mid-stream, with handlers running and acks unsent.
+    p0 = ConsumerProcess(config(0))
+    p1 = ConsumerProcess(config(1, stall_after=300))
+    replacement = None
+    try:
+        p1.wait_handled(300)
+        p1.kill()
+        if after_kill is not None:
+            after_kill()
+        done_by_p1 = {(k, s) for pid, k, s, _ in read_log(log) if pid == p1.pid}
+        assert 0 < len(done_by_p1) < share(1, 50)
+        publish(range(50, 100))
+        # The replacement (same process_index) takes over the dead one's
+        # unacked messages and handles them before newer ones.
+        replacement = ConsumerProcess(config(1, progress=1))
+        p0.wait_handled(share(0, 100))
+        replacement.wait_handled(share(1, 100) - len(done_by_p1))
+        stats0, stats1 = p0.stop(), replacement.stop()
+    finally:
+        for proc in (p0, p1, replacement):
+            if proc is not None:
+                proc.close()
+    check = check_log(log, dict.fromkeys(keys, 100))
+    assert check.lost == []
+    assert check.violations == []
+    # At least once: only the replacement handled anything twice, and every
+    # copy it handled of a message the dead process had handled was flagged.
+    assert set(check.duplicates_by_pid) <= {replacement.pid}
+    dup_records = [
+        (key, seq, flag)
+        for key, records in check.by_key.items()
+        for pid, seq, flag in records
+        if pid == replacement.pid and (key, seq) in done_by_p1
+    ]
+    assert len(dup_records) == check.duplicates
+    assert all(flag for _, _, flag in dup_records)
+    assert stats1["redelivered"] >= check.duplicates
+    assert stats0["redelivered"] == 0
+    with capsys.disabled():
+        print(
+            f"\n[{broker}] SIGKILL mid-stream: {check.total} handled, 0 lost, "
+            f"{check.duplicates} duplicates (at-least-once), "
+            f"{stats1['redelivered']} redelivered to the replacement"
+        )
+
+
+class InProcess:
+    """Collects what an in-process handler saw; signals when *expected* messages were handled.
+
+    *seq_of* reads a message's sequence number (how each broker's test publishes it).
+    """
+
+    def __init__(self, expected: int, seq_of: Callable[[Any], int]) -> None:
+        self.lock = threading.Lock()
+        self.handled: dict[str, list[int]] = defaultdict(list)
+        self.calls: dict[tuple[str, int], int] = defaultdict(int)
+        self.expected = expected
+        self.count = 0
+        self.done = threading.Event()
+        self._seq_of = seq_of
+
+    def note_call(self, message: Any) -> int:
+        """Count a call of the handler with *message*; return how many it had so far."""
+        with self.lock:
+            self.calls[(str(message.key), self._seq_of(message))] += 1
+            return self.calls[(str(message.key), self._seq_of(message))]
+
+    def note_handled(self, message: Any) -> None:
+        """Note that *message* was handled (and set :attr:`done` at *expected*)."""
+        with self.lock:
+            self.handled[str(message.key)].append(self._seq_of(message))
+            self.count += 1
+            if self.count >= self.expected:
+                self.done.set()
+
+
+def check_a_flaky_message_is_retried_in_order(
+    consumer_for: Callable[..., Any], seq_of: Callable[[Any], int]
+) -> Any:
+    """Keys "a" and "b", seqs 0-9 published: "a"-3 fails twice, then succeeds, in order.
+
+    ``consumer_for(handler, retry=...)`` makes the (not started) consumer.
+    Returns the consumer, stopped, for broker-specific checks.
+    """
+    from keyedpool.contrib._consumer import RetryPolicy
+
+    seen = InProcess(20, seq_of)
+
+    def handle(message: Any) -> None:
+        call = seen.note_call(message)
+        if message.key == "a" and seq_of(message) == 3 and call <= 2:
+            raise ConnectionError("flaky downstream")
+        seen.note_handled(message)
+
+    consumer = consumer_for(handle, retry=RetryPolicy(attempts=3, backoff=0.01))
+    with consumer:
+        assert seen.done.wait(WAIT)
+    assert seen.handled["a"] == list(range(10))
+    assert seen.handled["b"] == list(range(10))
+    assert seen.calls[("a", 3)] == 3
+    stats = consumer.stats()
+    assert stats.retries == 2
+    assert stats.dead_lettered == 0
+    return consumer
+
+
+def check_a_poison_message_is_dead_lettered(
+    consumer_for: Callable[..., Any], seq_of: Callable[[Any], int]
+) -> Any:
+    """Keys "a" and "b", seqs 0-9 published: "a"-4 always fails, "b"-0 raises DeadLetter.
+
+    Both are dead-lettered (after 3 attempts, and at once) and their keys move
+    on. ``consumer_for(handler, retry=..., on_dead_letter=...)`` makes the (not
+    started) consumer. Returns it, stopped, to check what the broker holds.
+    """
+    from keyedpool.contrib._consumer import DeadLetter, RetryPolicy
+
+    seen = InProcess(9 + 9, seq_of)
+    dead: list[tuple[Any, BaseException]] = []
+
+    def handle(message: Any) -> None:
+        seen.note_call(message)
+        if message.key == "a" and seq_of(message) == 4:
+            raise ValueError("cannot parse this one, ever")
+        if message.key == "b" and seq_of(message) == 0:
+            raise DeadLetter("unknown event type")  # no retries for this one
+        seen.note_handled(message)
+
+    consumer = consumer_for(
+        handle,
+        retry=RetryPolicy(attempts=3, backoff=0.01),
+        on_dead_letter=lambda m, e: dead.append((m, e)),
+    )
+    with consumer:
+        # "a"-4 and "b"-0 are dead-lettered before their keys' next messages run.
+        assert seen.done.wait(WAIT)
+    assert seen.handled["a"] == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert seen.handled["b"] == list(range(1, 10))
+    assert seen.calls[("a", 4)] == 3
+    assert seen.calls[("b", 0)] == 1
+    assert sorted(str(m.key) for m, _ in dead) == ["a", "b"]
+    stats = consumer.stats()
+    assert stats.dead_lettered == 2 and stats.handled == 18
+    return consumer
+
+
+def check_a_slow_key_does_not_stop_the_others(
+    consumer_for: Callable[..., Any],
+    publish: Callable[[list[str], range], None],
+    seq_of: Callable[[Any], int],
+    keys: list[str],
+    shards: int,
+) -> None:
+    """Key "slow" blocks its handler; the other keys (30 of *keys*) all finish meanwhile.
+
+    ``publish(keys, seqs)`` publishes; ``consumer_for(handler, pool=...)``
+    makes the (not started) consumer over *shards* shards.
+    """
+    from keyedpool import KeyedPoolExecutor
+    from keyedpool.contrib._consumer import shard_of
+
+    pool = KeyedPoolExecutor(4)
+    # Keys on the slow key's worker wait behind it (a worker runs one handler
+    # at a time); every other key, including those in the slow key's shard,
+    # keeps going.
+    others = [k for k in keys if pool.worker_index(k) != pool.worker_index("slow")][:30]
+    assert any(shard_of(k, shards) == shard_of("slow", shards) for k in others)
+    release = threading.Event()
+    slow_started = threading.Event()
+    seen = InProcess(len(others) * 5, seq_of)
+    slow_done: list[int] = []
+
+    def handle(message: Any) -> None:
+        if message.key == "slow":
+            slow_started.set()
+            assert release.wait(WAIT)
+            slow_done.append(seq_of(message))
+        else:
+            seen.note_handled(message)
+
+    publish(["slow", *others], range(5))
+    consumer = consumer_for(handle, pool=pool)
+    try:
+        with consumer:
+            try:
+                assert seen.done.wait(WAIT)  # every other key finished...
+                assert slow_started.is_set() and slow_done == []  # ...while "slow" is stuck
+            finally:
+                release.set()
+        assert slow_done == list(range(5))
+        for key in others:
+            assert seen.handled[key] == list(range(5))
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def check_an_error_that_stops_the_consumer_is_raised_by_stop(
+    start_consumer: Callable[[Any], Any], publish_one: Callable[[], None], monkeypatch: Any
+) -> None:
+    """A shared pool shut down under a running consumer stops it; stop() raises why.
+
+    ``start_consumer(pool)`` starts a consumer of one shard on *pool*;
+    ``publish_one()`` publishes one message to it.
+    """
+    import pytest
+    from _util import wait_until
+
+    from keyedpool import KeyedPoolExecutor
+
+    uncaught: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
+    pool = KeyedPoolExecutor(2)
+    pool.shutdown()  # a shared pool shut down under a running consumer: dispatch fails
+    consumer = start_consumer(pool)
+    publish_one()
+    wait_until(lambda: consumer.error is not None)  # set by the dying thread; no event
+    with pytest.raises(RuntimeError, match="shut"):
+        consumer.stop(WAIT)
+    assert consumer.stopping and isinstance(consumer.error, RuntimeError)
+    assert uncaught == []  # kept for stop(), not left to threading.excepthook

@@ -189,6 +189,21 @@ def consumer_config(
     return config
 
 
+def consumer_with_commits(
+    kafka: MockKafka, topic: str, group: str, handler: Callable[[Message], object], **options: Any
+) -> tuple[KafkaConsumer, Commits]:
+    """A consumer of *group* on *topic* committing every 0.05 s (not started), and its commits."""
+    commits = Commits()
+    consumer = KafkaConsumer(
+        topic,
+        handler,
+        config=consumer_config(kafka, group, commits),
+        commit_interval=0.05,
+        **options,
+    )
+    return consumer, commits
+
+
 def read_all(kafka: MockKafka, topic: str, partition: int = 0) -> list[Message]:
     """Every message in one partition, read without a group (for the dead-letter topic)."""
     reader = Consumer(
@@ -482,15 +497,12 @@ def test_a_poison_message_goes_to_the_dead_letter_topic_and_its_key_moves_on(
             raise DeadLetter("p3 can never succeed")  # skips the retries
         seen.ok(message)
 
-    commits = Commits()
-    consumer = KafkaConsumer(
-        topic,
-        handle,
-        config=consumer_config(kafka, group, commits),
+    consumer, commits = consumer_with_commits(
+        kafka, topic, group, handle,
         retry=RetryPolicy(attempts=3, backoff=0.01),
-        commit_interval=0.05,
         on_dead_letter=lambda message, error: dead.append((value(message), repr(error))),
-    ).start()
+    )
+    consumer.start()
     try:
         assert seen.done.wait(WAIT)
         commits.wait(5)
@@ -568,15 +580,12 @@ def test_a_full_consumer_pauses_fetching(kafka: MockKafka) -> None:
         release.wait(WAIT)
         seen.ok(message)
 
-    commits = Commits()
-    consumer = KafkaConsumer(
-        topic,
-        handle,
-        config=consumer_config(kafka, group, commits),
+    consumer, commits = consumer_with_commits(
+        kafka, topic, group, handle,
         max_workers=8,
         max_in_flight=5,
-        commit_interval=0.05,
-    ).start()
+    )
+    consumer.start()
     try:
         wait_until(lambda: consumer.paused)  # no event says "paused"
         stats = consumer.stats()
@@ -776,14 +785,11 @@ def test_a_message_whose_key_cannot_be_read_is_dead_lettered(kafka: MockKafka) -
             return 1.5
         return message.key()
 
-    commits = Commits()
-    consumer = KafkaConsumer(
-        topic,
-        seen.ok,
-        config=consumer_config(kafka, group, commits),
+    consumer, commits = consumer_with_commits(
+        kafka, topic, group, seen.ok,
         key=key_of,  # type: ignore[arg-type]
-        commit_interval=0.05,
-    ).start()
+    )
+    consumer.start()
     try:
         assert seen.done.wait(WAIT)
         commits.wait(4)
@@ -836,15 +842,11 @@ def test_a_raising_on_dead_letter_hook_is_logged_and_the_letter_written_once(
         calls.append(value(message))
         raise RuntimeError("hook is broken")
 
-    commits = Commits()
-    consumer = KafkaConsumer(
-        topic,
-        handle,
-        config=consumer_config(kafka, group, commits),
+    consumer, commits = consumer_with_commits(
+        kafka, topic, group, handle,
         # Before the fix the hook's error made the dead letter count as failed
         # and written again every max_backoff, forever: offset 2 never came.
         retry=RetryPolicy(attempts=1, max_backoff=0.01),
-        commit_interval=0.05,
         on_dead_letter=hook,
     )
     with caplog.at_level(logging.ERROR, logger="keyedpool.contrib.kafka"):

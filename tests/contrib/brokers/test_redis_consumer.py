@@ -8,13 +8,13 @@ message to one shared ``O_APPEND`` file, which ``check_log`` checks.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 import threading
 import uuid
-from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +25,21 @@ pytest.importorskip("redis", reason="redis-py is not installed (pip install keye
 import redis  # noqa: E402
 from _broker_checks import (  # noqa: E402
     WAIT,
-    ConsumerProcess,
+    InProcess,
     Server,
-    check_log,
+    check_a_flaky_message_is_retried_in_order,
+    check_a_poison_message_is_dead_lettered,
+    check_a_slow_key_does_not_stop_the_others,
+    check_an_error_that_stops_the_consumer_is_raised_by_stop,
+    keys_on_distinct_workers,
     proc_config,
+    run_two_sharded_processes,
+    sigkill_process_1_mid_stream,
 )
-from _util import wait_until  # noqa: E402
 
-from keyedpool import KeyedPoolExecutor  # noqa: E402
-from keyedpool._routing import worker_index  # noqa: E402
 from keyedpool.contrib.redis import (  # noqa: E402
-    DeadLetter,
     RedisConsumer,
     RedisMessage,
-    RetryPolicy,
     dead_letter_stream,
     publish,
     shard_of,
@@ -83,16 +84,6 @@ def _pending(client: redis.Redis, stream: str, group: str) -> int:
     return total
 
 
-def _on_distinct_workers(count: int, workers: int, prefix: str) -> list[str]:
-    """*count* keys that run on *count* different workers of a pool of *workers*."""
-    keys: dict[int, str] = {}
-    i = 0
-    while len(keys) < count:
-        keys.setdefault(worker_index(f"{prefix}{i}", workers), f"{prefix}{i}")
-        i += 1
-    return list(keys.values())
-
-
 def _share(process_index: int, seqs: int) -> int:
     return sum(seqs for key in KEYS if shard_of(key, SHARDS) % 2 == process_index)
 
@@ -109,216 +100,91 @@ def test_two_processes_handle_10000_messages_in_order_per_key(
 ) -> None:
     log = tmp_path / "handled.log"
     _publish(client, stream, KEYS, range(100))
-    procs = [ConsumerProcess(_config(redis_server, log, stream, i)) for i in range(2)]
-    try:
-        for i, proc in enumerate(procs):
-            proc.wait_handled(_share(i, 100))
-        stats = [proc.stop() for proc in procs]
-    finally:
-        for proc in procs:
-            proc.close()
-    check = check_log(log, dict.fromkeys(KEYS, 100))
-    assert check.lost == []
-    assert check.violations == []
-    assert check.duplicates == 0
-    assert check.total == 10_000
-    # Each key was handled by exactly one process: the one that owns its shard.
-    for key, records in check.by_key.items():
-        assert {pid for pid, _, _ in records} == {procs[shard_of(key, SHARDS) % 2].pid}
-    assert sum(s["handled"] for s in stats) == 10_000
+    run_two_sharded_processes(
+        log,
+        KEYS,
+        lambda i: _config(redis_server, log, stream, i),
+        lambda i: _share(i, 100),
+        lambda key: shard_of(key, SHARDS) % 2,
+    )
     assert _pending(client, stream, "g") == 0
+
+
+def _assert_pending(client: redis.Redis, stream: str) -> None:
+    assert _pending(client, stream, "g") > 0  # unacked entries of the dead process
 
 
 def test_sigkill_mid_stream_loses_nothing_and_keeps_order(
     redis_server: Server, client: redis.Redis, stream: str, tmp_path: Path, capsys: Any
 ) -> None:
     log = tmp_path / "handled.log"
-    _publish(client, stream, KEYS, range(50))
-    # Process 1 stops making progress after 300 messages, with more in flight:
-    # it is killed there, mid-stream, with handlers running and acks unsent.
-    p0 = ConsumerProcess(_config(redis_server, log, stream, 0))
-    p1 = ConsumerProcess(_config(redis_server, log, stream, 1, stall_after=300))
-    replacement = None
-    try:
-        p1.wait_handled(300)
-        p1.kill()
-        assert _pending(client, stream, "g") > 0  # unacked entries of the dead process
-        done_by_p1 = {(k, s) for pid, k, s, _ in _records(log) if pid == p1.pid}
-        assert 0 < len(done_by_p1) < _share(1, 50)
-        _publish(client, stream, KEYS, range(50, 100))
-        # Its replacement (same process_index, new consumer name) claims the
-        # dead one's pending entries and handles them before newer ones.
-        replacement = ConsumerProcess(_config(redis_server, log, stream, 1, progress=1))
-        p0.wait_handled(_share(0, 100))
-        replacement.wait_handled(_share(1, 100) - len(done_by_p1))
-        stats0, stats1 = p0.stop(), replacement.stop()
-    finally:
-        for proc in (p0, p1, replacement):
-            if proc is not None:
-                proc.close()
-    check = check_log(log, dict.fromkeys(KEYS, 100))
-    assert check.lost == []
-    assert check.violations == []
-    # At least once: what the dead process handled but had not acked ran again,
-    # in the replacement, flagged as redelivered; nothing else ran twice.
-    assert set(check.duplicates_by_pid) <= {replacement.pid}
-    dup_records = [
-        (key, seq, flag)
-        for key, records in check.by_key.items()
-        for pid, seq, flag in records
-        if pid == replacement.pid and (key, seq) in done_by_p1
-    ]
-    assert len(dup_records) == check.duplicates
-    assert all(flag for _, _, flag in dup_records)
-    assert stats1["redelivered"] >= check.duplicates
-    assert stats0["redelivered"] == 0
+    sigkill_process_1_mid_stream(
+        "redis",
+        log,
+        KEYS,
+        lambda i, **extra: _config(redis_server, log, stream, i, **extra),
+        lambda seqs: _publish(client, stream, KEYS, seqs),
+        _share,
+        capsys,
+        after_kill=lambda: _assert_pending(client, stream),
+    )
     assert _pending(client, stream, "g") == 0
-    with capsys.disabled():
-        print(
-            f"\n[redis] SIGKILL mid-stream: {check.total} handled, 0 lost, "
-            f"{check.duplicates} duplicates (at-least-once), "
-            f"{stats1['redelivered']} redelivered to the replacement"
-        )
 
 
-def _records(log: Path) -> list[tuple[int, str, int, bool]]:
-    from _broker_checks import read_log
+def _seq_of(message: RedisMessage) -> int:
+    """The sequence number of a message, as this module publishes it."""
+    return int(message.get("seq") or -1)
 
-    return read_log(log)
+
+def _in_process(expected: int) -> InProcess:
+    """What the handler saw."""
+    return InProcess(expected, _seq_of)
 
 
-class _InProcess:
-    """Collects what a handler saw; signals when *expected* messages were handled."""
-
-    def __init__(self, expected: int) -> None:
-        self.lock = threading.Lock()
-        self.handled: dict[str, list[int]] = defaultdict(list)
-        self.calls: dict[tuple[str, int], int] = defaultdict(int)
-        self.expected = expected
-        self.count = 0
-        self.done = threading.Event()
-
-    def note_call(self, message: RedisMessage) -> int:
-        with self.lock:
-            self.calls[(str(message.key), int(message.get("seq") or -1))] += 1
-            return self.calls[(str(message.key), int(message.get("seq") or -1))]
-
-    def note_handled(self, message: RedisMessage) -> None:
-        with self.lock:
-            self.handled[str(message.key)].append(int(message.get("seq") or -1))
-            self.count += 1
-            if self.count >= self.expected:
-                self.done.set()
+def _consumer_for(client: redis.Redis, stream: str) -> Callable[..., RedisConsumer]:
+    """``(handler, **options)`` -> a consumer of all *stream*'s shards, with 4 workers."""
+    return functools.partial(
+        RedisConsumer, client, stream, group="g", shards=SHARDS, max_workers=4
+    )
 
 
 def test_a_handler_that_fails_twice_then_succeeds_keeps_order(
     client: redis.Redis, stream: str
 ) -> None:
-    seen = _InProcess(expected=20)
-
-    def handle(message: RedisMessage) -> None:
-        call = seen.note_call(message)
-        if message.key == "a" and message.get("seq") == "3" and call <= 2:
-            raise ConnectionError("flaky downstream")
-        seen.note_handled(message)
-
     _publish(client, stream, ["a", "b"], range(10))
-    consumer = RedisConsumer(
-        client, stream, handle, group="g", shards=SHARDS, max_workers=4,
-        retry=RetryPolicy(attempts=3, backoff=0.01),
-    )
-    with consumer:
-        assert seen.done.wait(WAIT)
-    assert seen.handled["a"] == list(range(10))
-    assert seen.handled["b"] == list(range(10))
-    assert seen.calls[("a", 3)] == 3
-    stats = consumer.stats()
-    assert stats.retries == 2
-    assert stats.dead_lettered == 0
+    check_a_flaky_message_is_retried_in_order(_consumer_for(client, stream), _seq_of)
     assert _pending(client, stream, "g") == 0
 
 
 def test_a_poison_message_goes_to_the_dead_letter_stream_and_its_key_moves_on(
     client: redis.Redis, stream: str
 ) -> None:
-    seen = _InProcess(expected=9 + 9)
-    dead: list[tuple[RedisMessage, BaseException]] = []
-
-    def handle(message: RedisMessage) -> None:
-        seen.note_call(message)
-        if message.key == "a" and message.get("seq") == "4":
-            raise ValueError("cannot parse this one, ever")
-        if message.key == "b" and message.get("seq") == "0":
-            raise DeadLetter("unknown event type")  # no retries for this one
-        seen.note_handled(message)
-
     _publish(client, stream, ["a", "b"], range(10))
-    consumer = RedisConsumer(
-        client, stream, handle, group="g", shards=SHARDS, max_workers=4,
-        retry=RetryPolicy(attempts=3, backoff=0.01),
-        on_dead_letter=lambda m, e: dead.append((m, e)),
-    )
-    with consumer:
-        # "a"-4 and "b"-0 are dead-lettered before their keys' next messages run.
-        assert seen.done.wait(WAIT)
-    assert seen.handled["a"] == [0, 1, 2, 3, 5, 6, 7, 8, 9]
-    assert seen.handled["b"] == list(range(1, 10))
-    assert seen.calls[("a", 4)] == 3
-    assert seen.calls[("b", 0)] == 1
+    check_a_poison_message_is_dead_lettered(_consumer_for(client, stream), _seq_of)
     entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(  # type: ignore[assignment]
         dead_letter_stream(stream)
     )
     assert sorted((f[b"key"], f[b"seq"]) for _, f in entries) == [(b"a", b"4"), (b"b", b"0")]
     errors = {f[b"key"]: f[b"dead_letter.error"] for _, f in entries}
     assert b"ValueError" in errors[b"a"]
-    assert sorted(str(m.key) for m, _ in dead) == ["a", "b"]
-    stats = consumer.stats()
-    assert stats.dead_lettered == 2 and stats.handled == 18
     assert _pending(client, stream, "g") == 0
 
 
 def test_a_slow_key_does_not_stop_the_other_keys(client: redis.Redis, stream: str) -> None:
-    pool = KeyedPoolExecutor(4)
-    # Keys on the slow key's worker wait behind it (a worker runs one handler
-    # at a time); every other key, including those in the slow key's shard
-    # stream, keeps going.
-    others = [k for k in KEYS if pool.worker_index(k) != pool.worker_index("slow")][:30]
-    assert any(shard_of(k, SHARDS) == shard_of("slow", SHARDS) for k in others)
-    release = threading.Event()
-    slow_started = threading.Event()
-    seen = _InProcess(expected=len(others) * 5)
-    slow_done: list[int] = []
-
-    def handle(message: RedisMessage) -> None:
-        if message.key == "slow":
-            slow_started.set()
-            assert release.wait(WAIT)
-            slow_done.append(int(message.get("seq") or -1))
-        else:
-            seen.note_handled(message)
-
-    _publish(client, stream, ["slow", *others], range(5))
-    consumer = RedisConsumer(client, stream, handle, group="g", shards=SHARDS, pool=pool)
-    try:
-        with consumer:
-            try:
-                assert seen.done.wait(WAIT)  # every other key finished...
-                assert slow_started.is_set() and slow_done == []  # ...while "slow" is stuck
-            finally:
-                release.set()
-        assert slow_done == list(range(5))
-        for key in others:
-            assert seen.handled[key] == list(range(5))
-    finally:
-        release.set()
-        pool.shutdown()
+    check_a_slow_key_does_not_stop_the_others(
+        functools.partial(RedisConsumer, client, stream, group="g", shards=SHARDS),
+        lambda keys, seqs: _publish(client, stream, keys, seqs),
+        _seq_of,
+        KEYS,
+        SHARDS,
+    )
     assert _pending(client, stream, "g") == 0
 
 
 def test_backpressure_stops_fetching_while_full(client: redis.Redis, stream: str) -> None:
     release = threading.Event()
     entered = threading.Semaphore(0)
-    seen = _InProcess(expected=50)
+    seen = _in_process(expected=50)
 
     def handle(message: RedisMessage) -> None:
         entered.release()
@@ -326,7 +192,7 @@ def test_backpressure_stops_fetching_while_full(client: redis.Redis, stream: str
         seen.note_handled(message)
 
     # The first five run at once, on five workers; the other 45 must wait unfetched.
-    first = _on_distinct_workers(5, 8, "first-")
+    first = keys_on_distinct_workers(5, 8, "first-")
     keys = first + [f"k{i}" for i in range(45)]
     with client.pipeline(transaction=False) as pipe:
         for key in keys:
@@ -355,14 +221,14 @@ def test_graceful_stop_drains_and_acks_in_flight_entries_and_fetches_no_more(
 ) -> None:
     release = threading.Event()
     entered = threading.Semaphore(0)
-    seen = _InProcess(expected=3)
+    seen = _in_process(expected=3)
 
     def handle(message: RedisMessage) -> None:
         entered.release()
         assert release.wait(WAIT)
         seen.note_handled(message)
 
-    abc = _on_distinct_workers(3, 4, "in-flight-")
+    abc = keys_on_distinct_workers(3, 4, "in-flight-")
     for key in abc:
         publish(client, stream, key, {"seq": 0}, shards=1)
     consumer = RedisConsumer(
@@ -413,23 +279,17 @@ def test_start_raises_when_redis_cannot_be_reached() -> None:
 def test_an_error_that_stops_the_consumer_is_raised_by_stop(
     client: redis.Redis, stream: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    uncaught: list[threading.ExceptHookArgs] = []
-    monkeypatch.setattr(threading, "excepthook", uncaught.append)
-    pool = KeyedPoolExecutor(2)
-    pool.shutdown()  # a shared pool shut down under a running consumer: dispatch fails
-    consumer = RedisConsumer(client, stream, print, group="g", shards=1, pool=pool).start()
-    publish(client, stream, "a", {"seq": 0}, shards=1)
-    wait_until(lambda: consumer.error is not None)  # set by the dying thread; no event
-    with pytest.raises(RuntimeError, match="shut"):
-        consumer.stop(WAIT)
-    assert consumer.stopping and isinstance(consumer.error, RuntimeError)
-    assert uncaught == []  # kept for stop(), not left to threading.excepthook
+    check_an_error_that_stops_the_consumer_is_raised_by_stop(
+        lambda pool: RedisConsumer(client, stream, print, group="g", shards=1, pool=pool).start(),
+        lambda: publish(client, stream, "a", {"seq": 0}, shards=1),
+        monkeypatch,
+    )
 
 
 def test_an_entry_whose_key_cannot_be_read_is_dead_lettered(
     client: redis.Redis, stream: str
 ) -> None:
-    seen = _InProcess(expected=2)
+    seen = _in_process(expected=2)
 
     def key_of(message: RedisMessage) -> object:
         key = message.get("key")
