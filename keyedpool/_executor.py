@@ -29,10 +29,14 @@ OnFull = Literal["block", "raise"]
 _pool_numbers = itertools.count()
 
 
+def cpu_count() -> int:
+    """CPUs this process may use (``os.process_cpu_count`` where Python has it)."""
+    return getattr(os, "process_cpu_count", os.cpu_count)() or 1
+
+
 def default_max_workers() -> int:
     """The default worker count: 16 per CPU (the design note's advice for I/O), at most 128."""
-    cpus = getattr(os, "process_cpu_count", os.cpu_count)() or 1
-    return min(cpus * 16, 128)
+    return min(cpu_count() * 16, 128)
 
 
 class KeyedPoolExecutor:
@@ -203,14 +207,13 @@ class KeyedPoolExecutor:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         deadline = None if timeout is None else monotonic() + timeout
+        items = zip(*iterables, strict=False)  # stops at the shortest, as map() does
         if callable(key):
             keyof = key
-            futures = [
-                self.submit(keyof(*args), fn, *args) for args in zip(*iterables, strict=False)
-            ]
+            futures = [self.submit(keyof(*args), fn, *args) for args in items]
         else:
             check_key(key)
-            futures = [self.submit(key, fn, *args) for args in zip(*iterables, strict=False)]
+            futures = [self.submit(key, fn, *args) for args in items]
         return _results(futures, deadline)
 
     def executor(self, key: Key | None = None) -> KeyExecutor:

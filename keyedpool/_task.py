@@ -204,6 +204,7 @@ class Task(Future):  # type: ignore[type-arg]
         fn, args, kwargs, context = self._fn, self._args, self._kwargs, self._context
         # Drop the call at once, so its arguments can be freed while the
         # future is still held by the caller (ThreadPoolExecutor does the same).
+        # (_drop_call, inlined: this is the per-task path.)
         self._fn = self._args = self._kwargs = self._context = None  # type: ignore[assignment]
         try:
             if context is None:
@@ -230,12 +231,17 @@ class Task(Future):  # type: ignore[type-arg]
             else:
                 self._notify_cancelled()
                 return
-        self._fn = self._args = self._kwargs = self._context = None  # type: ignore[assignment]
+        self._drop_call()
         self._finish(None, exc, "")
+
+    def _drop_call(self) -> None:
+        # The call is never needed again (it ran, or never will): let its
+        # function and arguments be freed while the caller holds the future.
+        self._fn = self._args = self._kwargs = self._context = None  # type: ignore[assignment]
 
     def _notify_cancelled(self) -> None:
         # With self._condition held: tell wait()/as_completed() a cancel happened.
-        self._fn = self._args = self._kwargs = self._context = None  # type: ignore[assignment]
+        self._drop_call()
         if self._state == CANCELLED:
             self._state = CANCELLED_AND_NOTIFIED
             if self._w:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import sys
 import threading
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor as StdlibThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
-from ._executor import KeyedPoolExecutor
+from ._executor import KeyedPoolExecutor, cpu_count
 from ._routing import Key
 
 __all__ = ["ThreadPoolExecutor"]
@@ -63,12 +62,9 @@ class ThreadPoolExecutor(StdlibThreadPoolExecutor):
     ) -> None:
         if max_workers is None:
             # The standard library's default, for I/O-bound work.
-            cpus = getattr(os, "process_cpu_count", os.cpu_count)() or 1
-            max_workers = min(32, cpus + 4)
-        if max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
+            max_workers = min(32, cpu_count() + 4)
+        # KeyedPoolExecutor checks max_workers and initializer with the
+        # standard pool's messages ("max_workers must be greater than 0"...).
         self._pool = KeyedPoolExecutor(
             max_workers,
             max_pending=sys.maxsize,  # the standard pool never refuses a task
