@@ -692,9 +692,22 @@ def check_pool(pool: object) -> None:
         raise TypeError(f"pool must be a KeyedPoolExecutor, not {type(pool).__name__}")
 
 
-def check_sharding(shards: object, process_index: object, process_count: object) -> None:
-    """Raise TypeError/ValueError unless this process reads some of *shards* shards."""
+def check_sharding(shards: object, process_index: object, process_count: object) -> bool:
+    """Check the sharding arguments; return True for fixed shards, False for leases.
+
+    Both ``process_index`` and ``process_count`` ``None`` means the processes
+    share the shards through leases (:mod:`keyedpool.contrib._shards`); both
+    given means this process always reads the shards ``s % process_count ==
+    process_index``. Raises TypeError/ValueError for anything else.
+    """
     check_positive("shards", shards)
+    if process_index is None and process_count is None:
+        return False
+    if process_index is None or process_count is None:
+        raise TypeError(
+            "give both process_index and process_count (fixed shards), or neither "
+            "(the processes share the shards and take over from each other)"
+        )
     check_positive("process_count", process_count)
     if isinstance(process_index, bool) or not isinstance(process_index, int):
         raise TypeError("process_index must be an int")
@@ -708,6 +721,7 @@ def check_sharding(shards: object, process_index: object, process_count: object)
             f"process_count ({process_count}) is more than shards ({shards}): "
             "some processes would read nothing; use more shards"
         )
+    return True
 
 
 class _ConsumerBase:

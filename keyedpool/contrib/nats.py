@@ -14,17 +14,18 @@ with key ``k`` is published to ``f"{subject}.{shard_of(k, shards)}"`` (mmh3 of
 the key, seed 0, as keyedpool routes) with the key in the ``Keyedpool-Key``
 header; :func:`publish` and :class:`NatsPublisher` do that. The stream captures
 ``f"{subject}.*"``. Shard ``i`` has its own durable pull consumer
-``f"{durable}-{i}"`` filtered on its subject, and process ``p`` of
-``process_count`` reads the shards ``i % process_count == p``. One key lives in
-one shard, so one process gets all of a key's messages, in stream order.
+``f"{durable}-{i}"`` filtered on its subject. Exactly one process at a time
+reads each shard: the processes share the shards through leases in a JetStream
+key-value bucket (see ``keyedpool/contrib/_shards.py``), so processes can come
+and go and the survivors take over a dead one's shards. One key lives in one
+shard, so one process gets all of a key's messages, in stream order.
 
 >>> from keyedpool.contrib.nats import NatsConsumer, NatsPublisher
 >>> with NatsPublisher("nats://127.0.0.1:4222", "ORDERS", shards=8) as pub:  # doctest: +SKIP
 ...     pub.publish("order-123", b'{"event": "charged"}')
 >>> def handle(message):            # a plain blocking function
 ...     print(message.key, message.data)
->>> consumer = NatsConsumer("nats://127.0.0.1:4222", "ORDERS", handle, shards=8,
-...                         process_index=0, process_count=2)   # doctest: +SKIP
+>>> consumer = NatsConsumer("nats://127.0.0.1:4222", "ORDERS", handle, shards=8)  # doctest: +SKIP
 >>> consumer.run()   # until consumer.stop() (e.g. from a SIGTERM handler)  # doctest: +SKIP
 
 Guarantees and their limits:
@@ -33,8 +34,8 @@ Guarantees and their limits:
   dead-letter subject ``f"{subject}.dead"`` (stored in the same stream, with
   ``Keyedpool-Error`` and ``Keyedpool-Source-Seq`` headers) and then
   terminated (``AckTerm``), so JetStream never delivers it again.
-* **At least once.** When a process starts and finds its shard consumer with
-  unacked messages (its predecessor died), it recreates that consumer from the
+* **At least once.** When a process takes a shard over and finds its shard
+  consumer with unacked messages (the owner died), it recreates that consumer from the
   ack floor (the last message below which everything was acked), so the
   unacked messages come again **before** any newer one, in stream order.
   Messages above the floor that were already acked are handled again; all of
@@ -48,10 +49,12 @@ Guarantees and their limits:
   is kept in ``consumer.error`` and raised again by ``stop()``. A message whose
   key cannot be read is dead-lettered with that error. The consumer's thread
   is not a daemon; it is stopped gracefully when the interpreter exits.
-* **Static ownership.** Run exactly one live process per ``process_index``; a
-  supervisor restarts one that dies. To change ``process_count``, stop all
-  processes gracefully first. ``shards`` must be the same for publishers and
-  consumers.
+* **Handover.** When a process joins, the shards that move to it are drained
+  first: their old owner stops fetching from them, settles what it fetched,
+  then releases the lease. A dead process's leases expire after ``lease_ttl``.
+* **Pinned shards** (``process_index`` and ``process_count`` given): no
+  leases; run exactly one live process per index (a supervisor restarts it).
+  ``shards`` must be the same for publishers and consumers.
 * **Reconnects.** nats-py reconnects on its own. If a connection drops while a
   fetch's messages are on the wire, JetStream delivers those again after
   ``ack_wait``, possibly after newer messages of the same keys: nothing is lost,
@@ -63,10 +66,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import os
+import re
+import socket
 import threading
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from time import monotonic
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -92,11 +99,13 @@ from ._consumer import (
     read_key,
     shard_of,
 )
+from ._shards import ShardLeases, new_token
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
     from typing_extensions import Self  # noqa: UP035 - typing.Self is 3.11+
 
 __all__ = [
@@ -193,6 +202,84 @@ async def _ensure_stream(js: JetStreamContext, stream: str, subject: str) -> Non
             await js.stream_info(stream)  # made by another process meanwhile
 
 
+class _NatsLeases:
+    """Members and shard leases in a JetStream key-value bucket (see ``_shards.py``).
+
+    The bucket (``f"KP_{durable}"``, one per stream and durable) keeps one
+    revision per key and expires entries ``lease_ttl`` seconds after their
+    last write: ``members.<token>`` is a member's heartbeat, ``lease.<shard>``
+    holds the token of the shard's owner, renewed by an update that names the
+    revision it last wrote (so a lease taken over by another member fails to
+    renew instead of being overwritten).
+    """
+
+    def __init__(self, loop: _Loop, kv: KeyValue, timeout: float) -> None:
+        self._loop = loop
+        self._kv = kv
+        self._timeout = timeout
+        self._revisions: dict[int, int] = {}
+
+    def heartbeat(
+        self, token: str, ttl: float, held: Sequence[int]
+    ) -> tuple[list[str], list[bool]]:
+        return self._loop.call(self._heartbeat(token, held), self._timeout)
+
+    async def _heartbeat(self, token: str, held: Sequence[int]) -> tuple[list[str], list[bool]]:
+        kv = self._kv
+        await kv.put(f"members.{token}", b"")
+        mine = []
+        for shard in held:
+            try:
+                self._revisions[shard] = await kv.update(
+                    f"lease.{shard}", token.encode(), last=self._revisions.get(shard, 0)
+                )
+                mine.append(True)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                mine.append(False)
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        members = [k[len("members."):] for k in keys if k.startswith("members.")]
+        return members, mine
+
+    def acquire(self, shard: int, token: str, ttl: float) -> bool:
+        return self._loop.call(self._acquire(shard, token), self._timeout)
+
+    async def _acquire(self, shard: int, token: str) -> bool:
+        try:
+            self._revisions[shard] = await self._kv.create(f"lease.{shard}", token.encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+    def release(self, shard: int, token: str) -> None:
+        revision = self._revisions.pop(shard, None)
+        if revision is not None:
+            # Only if it is still ours (our last revision): else a no-op error.
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                self._loop.call(self._kv.delete(f"lease.{shard}", last=revision), self._timeout)
+
+    def leave(self, token: str) -> None:
+        self._loop.call(self._kv.delete(f"members.{token}"), self._timeout)
+
+
+async def _lease_bucket(js: JetStreamContext, bucket: str, ttl: float) -> KeyValue:
+    try:
+        return await js.create_key_value(bucket=bucket, ttl=ttl, history=1)
+    except nats.js.errors.BadRequestError:
+        kv = await js.key_value(bucket)
+        status = await kv.status()
+        if status.ttl is not None and abs(status.ttl - ttl) > 1e-3:
+            raise ValueError(
+                f"keyedpool: the lease bucket {bucket} has a TTL of {status.ttl} s, "
+                f"but lease_ttl is {ttl} s: every process of a stream and durable "
+                "must use the same lease_ttl (stop them all and delete the bucket "
+                "to change it)"
+            ) from None
+        return kv
+
+
 class NatsPublisher:
     """Publish keyed messages to a sharded JetStream stream from blocking code.
 
@@ -279,6 +366,12 @@ class _Shard:
         self.consumer = consumer
         self.subject = subject
         self.sub: Any = None
+        #: Fetching from it: cleared to make its fetching task end (shard handed over).
+        self.reading = False
+        #: Its fetching task, while one runs.
+        self.fetching: concurrent.futures.Future[None] | None = None
+        #: Acks sent to the loop and not written yet.
+        self.acks = 0
         #: Messages delivered before a restart have stream_seq <= this.
         self.delivered_before = 0
         #: stream_seq -> (message, time of the last sign of life sent).
@@ -299,8 +392,22 @@ class NatsConsumer(_ConsumerBase):
             means failure: the message is retried as *retry* says, then
             dead-lettered.
         shards: how many shard subjects there are (the same as when publishing).
-        process_index, process_count: this process reads the shards ``s`` with
-            ``s % process_count == process_index``.
+        process_index, process_count: leave both out (the default) and the
+            processes that run this consumer (same *stream* and *durable*)
+            share the shards among themselves through leases in a JetStream
+            key-value bucket (``f"KP_{durable}"``): one that starts gets its
+            part, one that stops or dies has its shards taken over by the
+            others. Give both to pin the shards instead: this process then
+            always reads the shards ``s`` with ``s % process_count ==
+            process_index``, and a dead process's shards wait for a process
+            with its index.
+        lease_ttl: seconds a shard lease and a member's heartbeat last
+            (without pinned shards; the same in every process). A process
+            that dies loses its shards after at most this long (plus up to a
+            second: JetStream's expiry is that coarse); one cut off from NATS
+            this long stops fetching. Keep it well above a handler's running time.
+        on_rebalance: called with the set of shard numbers this process
+            reads, whenever it changes (on the consumer's thread).
         subject: the base subject; shard ``i`` is ``f"{subject}.{i}"``. Default: *stream*.
         durable: the base name of the shard consumers (``f"{durable}-{i}"``).
             Default: ``f"{stream}-keyedpool"``. Different durables read the
@@ -335,8 +442,10 @@ class NatsConsumer(_ConsumerBase):
         handler: Callable[[NatsMessage], object],
         *,
         shards: int = 1,
-        process_index: int = 0,
-        process_count: int = 1,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        lease_ttl: float = 10.0,
+        on_rebalance: Callable[[frozenset[int]], None] | None = None,
         subject: str | None = None,
         durable: str | None = None,
         key: str | Callable[[NatsMessage], Key | None] = KEY_HEADER,
@@ -355,7 +464,10 @@ class NatsConsumer(_ConsumerBase):
         if not isinstance(stream, str) or not stream or "." in stream:
             raise ValueError("stream must be a non-empty str without dots (a JetStream name)")
         check_handler(handler)
-        check_sharding(shards, process_index, process_count)
+        pinned = check_sharding(shards, process_index, process_count)
+        check_seconds("lease_ttl", lease_ttl)
+        if on_rebalance is not None and not callable(on_rebalance):
+            raise TypeError("on_rebalance must be callable or None")
         if not (isinstance(key, str) or callable(key)):
             raise TypeError("key must be a header name (str) or a function of the message")
         if on_dead_letter is not None and not callable(on_dead_letter):
@@ -378,8 +490,18 @@ class NatsConsumer(_ConsumerBase):
         self._shards = [
             _Shard(s, f"{self._durable}-{s}", shard_subject(self._subject, s))
             for s in range(shards)
-            if s % process_count == process_index
         ]
+        self._on_rebalance = on_rebalance
+        self._lease_ttl = lease_ttl
+        self._pinned: frozenset[int] | None = None
+        if pinned:
+            assert process_index is not None and process_count is not None
+            self._pinned = frozenset(
+                s for s in range(shards) if s % process_count == process_index
+            )
+        # Made at connect time (the lease store needs the connection).
+        self._leases: ShardLeases | None = None
+        self._fetch_error: BaseException | None = None
         self._init_lifecycle(f"keyedpool-nats-{stream}", pool, max_workers)
         if max_in_flight is None:
             # Leave room in the pool for a fetch that overshoots (one batch per shard).
@@ -400,7 +522,6 @@ class NatsConsumer(_ConsumerBase):
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._room: asyncio.Event | None = None
-        self._fetching: concurrent.futures.Future[None] | None = None
         self._drain_timeout: float | None = None
         self._acks: set[concurrent.futures.Future[None]] = set()
         self._acks_lock = threading.Lock()
@@ -408,9 +529,16 @@ class NatsConsumer(_ConsumerBase):
     # -- public -------------------------------------------------------------------
 
     @property
+    def shards(self) -> frozenset[int]:
+        """The shard numbers this process reads now (changes as processes come and go)."""
+        if self._pinned is not None:
+            return self._pinned
+        return frozenset() if self._leases is None else self._leases.readable
+
+    @property
     def shard_subjects(self) -> list[str]:
-        """The shard subjects this process reads."""
-        return [shard.subject for shard in self._shards]
+        """The shard subjects this process reads now."""
+        return [self._shards[s].subject for s in sorted(self.shards)]
 
     def run(self) -> None:
         """Fetch and handle messages until :meth:`stop` is called, then stop gracefully.
@@ -456,13 +584,64 @@ class NatsConsumer(_ConsumerBase):
             self._open()
         loop = self._loop
         assert loop is not None
-        fetching = self._fetching = loop.submit(self._fetch_all())
-        # Fetching ends only on stop or on an error: either way, wake up.
-        fetching.add_done_callback(lambda _: self._stopping.set())
-        while not self._stopping.wait(self._ack_wait / 3):
-            loop.call(self._still_working())
-        if fetching.done() and not fetching.cancelled():
-            fetching.result()  # raises what stopped the fetching, if anything
+        if self._pinned is not None:
+            for index in sorted(self._pinned):
+                self._start_fetching(self._shards[index])
+            if self._on_rebalance is not None:
+                self._on_rebalance(self._pinned)
+        tick = min(self._fetch_timeout, self._ack_wait / 3)
+        next_sign_of_life = monotonic() + self._ack_wait / 3
+        while not self._stopping.is_set():
+            if self._leases is not None:
+                self._rebalance(self._leases)
+            if monotonic() >= next_sign_of_life:
+                loop.call(self._still_working())
+                next_sign_of_life = monotonic() + self._ack_wait / 3
+            self._stopping.wait(tick)
+        if self._fetch_error is not None:
+            raise self._fetch_error  # what stopped a shard's fetching
+
+    def _start_fetching(self, shard: _Shard) -> None:
+        assert self._loop is not None
+        shard.reading = True
+        shard.fetching = self._loop.submit(self._fetch_shard(shard))
+        shard.fetching.add_done_callback(self._fetching_ended)
+
+    def _fetching_ended(self, future: concurrent.futures.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            if self._fetch_error is None:
+                self._fetch_error = future.exception()
+            self._stopping.set()  # an error that stops fetching stops the consumer
+
+    def _busy(self, index: int) -> bool:
+        # Messages of this shard are in flight here, or acks unsent, or a fetch runs.
+        shard = self._shards[index]
+        return self._busy_fetching(shard) or bool(shard.in_flight) or shard.acks > 0
+
+    def _rebalance(self, leases: ShardLeases) -> None:
+        assert self._loop is not None and self._js is not None
+        leases.tick(self._busy)
+        readable = leases.readable
+        for index in sorted(leases.gained & readable):
+            shard = self._shards[index]
+            try:
+                # Bound afresh: unacked messages of a dead owner come first.
+                self._loop.call(self._bind(self._js, shard), self._lease_ttl)
+            except Exception:
+                log.warning("keyedpool: could not take over %s; trying again",
+                            shard.subject, exc_info=True)
+                continue
+            leases.gained.discard(index)
+        for shard in self._shards:
+            wanted = shard.index in readable and shard.index not in leases.gained
+            if wanted and not shard.reading and not self._busy_fetching(shard):
+                self._start_fetching(shard)
+            elif not wanted and shard.reading:
+                shard.reading = False  # its fetching ends after the current fetch
+
+    @staticmethod
+    def _busy_fetching(shard: _Shard) -> bool:
+        return shard.fetching is not None and not shard.fetching.done()
 
     def _set_stop_timeout(self, timeout: float | None) -> None:
         self._drain_timeout = timeout
@@ -478,8 +657,21 @@ class NatsConsumer(_ConsumerBase):
         self._nc = await nats.connect(self._servers, **self._connect_options)
         self._js = js = self._nc.jetstream()
         await _ensure_stream(js, self._stream, self._subject)
-        for shard in self._shards:
-            await self._bind(js, shard)
+        if self._pinned is not None:
+            for index in sorted(self._pinned):
+                await self._bind(js, self._shards[index])
+            return
+        assert self._loop is not None
+        bucket = "KP_" + re.sub(r"[^A-Za-z0-9_-]", "_", self._durable)
+        kv = await _lease_bucket(js, bucket, self._lease_ttl)
+        name = re.sub(r"[^-_=.A-Za-z0-9]", "_", f"{socket.gethostname()}-{os.getpid()}")
+        self._leases = ShardLeases(
+            _NatsLeases(self._loop, kv, timeout=self._lease_ttl),
+            len(self._shards),
+            self._lease_ttl,
+            new_token(name),
+            on_change=self._on_rebalance,
+        )
 
     async def _bind(self, js: JetStreamContext, shard: _Shard) -> None:
         start: int | None = None
@@ -510,16 +702,16 @@ class NatsConsumer(_ConsumerBase):
                 opt_start_seq=start,
             )
             await js.add_consumer(self._stream, config)
+        if shard.sub is not None:  # bound before, handed over since
+            with contextlib.suppress(Exception):
+                await shard.sub.unsubscribe()
         shard.sub = await js.pull_subscribe_bind(shard.consumer, self._stream)
-
-    async def _fetch_all(self) -> None:
-        await asyncio.gather(*(self._fetch_shard(shard) for shard in self._shards))
 
     async def _fetch_shard(self, shard: _Shard) -> None:
         room_event = self._room
         assert room_event is not None
         per_shard = max(1, self._batch)
-        while not self._stopping.is_set():
+        while shard.reading and not self._stopping.is_set():
             room = self._handling.room()
             if room <= 0:
                 room_event.clear()
@@ -529,7 +721,8 @@ class NatsConsumer(_ConsumerBase):
                     except asyncio.TimeoutError:  # noqa: UP041 - not TimeoutError on 3.10
                         pass
                 continue
-            count = max(1, min(per_shard, room // len(self._shards)))
+            reading = sum(1 for s in self._shards if s.reading)
+            count = max(1, min(per_shard, room // max(reading, 1)))
             try:
                 msgs = await shard.sub.fetch(count, timeout=self._fetch_timeout)
             except asyncio.TimeoutError:  # noqa: UP041 - nats' too; not TimeoutError on 3.10
@@ -556,7 +749,7 @@ class NatsConsumer(_ConsumerBase):
             copy = held[0] if held else self._message(shard, msg, redelivered=True)
             self._handling.note_duplicate(copy)
             if held is None:
-                self._submit_ack(msg.ack())
+                self._submit_ack(shard, msg.ack())
             return
         message = self._message(shard, msg, redelivered=redelivered)
         shard.in_flight[seq] = (message, monotonic())
@@ -600,7 +793,7 @@ class NatsConsumer(_ConsumerBase):
                         log.debug("keyedpool: +WPI failed", exc_info=True)
 
     async def _settled(self, message: NatsMessage, dead: bool) -> None:
-        shard = next(s for s in self._shards if s.index == message.shard)
+        shard = self._shards[message.shard]
         seq = message.stream_seq
         shard.in_flight.pop(seq, None)
         shard.settled.add(seq)
@@ -628,19 +821,22 @@ class NatsConsumer(_ConsumerBase):
         with self._dead_lock:
             dead = message.stream_seq in self._dead
             self._dead.discard(message.stream_seq)
-        self._submit_ack(self._settled(message, dead))
+        self._submit_ack(self._shards[message.shard], self._settled(message, dead))
 
-    def _submit_ack(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _submit_ack(self, shard: _Shard, coro: Coroutine[Any, Any, None]) -> None:
         # Fire and forget: a worker never waits for the loop to ack.
         assert self._loop is not None
+        with self._acks_lock:
+            shard.acks += 1
         future = self._loop.submit(coro)
         with self._acks_lock:
             self._acks.add(future)
-        future.add_done_callback(self._ack_done)
+        future.add_done_callback(lambda done: self._ack_done(shard, done))
 
-    def _ack_done(self, future: concurrent.futures.Future[None]) -> None:
+    def _ack_done(self, shard: _Shard, future: concurrent.futures.Future[None]) -> None:
         with self._acks_lock:
             self._acks.discard(future)
+            shard.acks -= 1
         if not future.cancelled() and future.exception() is not None:
             log.warning("keyedpool: ack failed: %r (the message will come again)",
                         future.exception())
@@ -670,13 +866,10 @@ class NatsConsumer(_ConsumerBase):
     # -- stopping -----------------------------------------------------------------
 
     def _finish(self) -> None:
-        loop, fetching = self._loop, self._fetching
+        loop = self._loop
         try:
-            if fetching is not None:
-                try:
-                    fetching.result(self._fetch_timeout * 4 + 10)
-                except Exception:
-                    log.exception("keyedpool: fetching stopped with an error")
+            fetching = [s.fetching for s in self._shards if s.fetching is not None]
+            concurrent.futures.wait(fetching, self._fetch_timeout * 4 + 10)
             if not self._handling.drain(self._drain_timeout):
                 log.warning(
                     "keyedpool: %d messages still in flight at stop; they will be "
@@ -685,6 +878,9 @@ class NatsConsumer(_ConsumerBase):
             with self._acks_lock:
                 pending = list(self._acks)
             concurrent.futures.wait(pending, timeout=10.0)
+            if self._leases is not None:
+                # Hand the drained shards to the others at once (the rest expire).
+                self._leases.leave(self._busy)
             if loop is not None and self._nc is not None:
                 try:
                     # Not drain(): it waits for pull subscriptions' queues to be

@@ -6,10 +6,12 @@ A Redis consumer group hands each entry to whichever consumer asks first, so it
 keeps no key affinity on its own. Here the stream is therefore **sharded by key**:
 an entry with key ``k`` goes to the stream ``f"{stream}:{shard_of(k, shards)}"``,
 where ``shard_of`` is the mmh3 hash keyedpool routes with (the same in every
-process and language binding of mmh3, seed 0). Each consumer process reads a
-fixed set of shards: with ``process_count=2``, process 0 reads the even shards and
-process 1 the odd ones. Every key lives in one shard, so one process sees all of
-a key's entries, in stream order, and its pool runs them in order.
+process and language binding of mmh3, seed 0). Exactly one consumer process at a
+time reads each shard: the processes of a group share the shards through leases
+kept in Redis (see ``keyedpool/contrib/_shards.py``), so processes can come and
+go and the survivors take over a dead one's shards. Every key lives in one
+shard, so one process sees all of a key's entries, in stream order, and its
+pool runs them in order.
 
 >>> import redis
 >>> from keyedpool.contrib.redis import RedisConsumer, publish
@@ -17,8 +19,7 @@ a key's entries, in stream order, and its pool runs them in order.
 >>> publish(r, "orders", "order-123", {"event": "charged"}, shards=8)  # doctest: +SKIP
 >>> def handle(message):            # a plain blocking function
 ...     print(message.key, message.get("event"))
->>> consumer = RedisConsumer(r, "orders", handle, group="billing", shards=8,
-...                          process_index=0, process_count=2)   # doctest: +SKIP
+>>> consumer = RedisConsumer(r, "orders", handle, group="billing", shards=8)  # doctest: +SKIP
 >>> consumer.run()   # until consumer.stop() (e.g. from a SIGTERM handler)  # doctest: +SKIP
 
 Guarantees and their limits:
@@ -26,21 +27,27 @@ Guarantees and their limits:
 * **Ack after success.** An entry is XACKed only after its handler returned (or
   after it was written to the dead-letter stream ``f"{stream}:dead"``).
 * **At least once.** If a process dies, its unacked entries stay pending in
-  Redis. Its replacement (same ``process_index``; any consumer name) claims
-  them with XAUTOCLAIM when it starts and handles them again, in order, before
-  any newer entry of those shards: an entry that was handled but not yet acked
-  is handled twice. Such entries reach the handler with ``redelivered=True``
-  and are counted in ``stats().redelivered``.
+  Redis. Once its leases expire (``lease_ttl``), the processes that take its
+  shards over claim them with XAUTOCLAIM and handle them again, in order,
+  before any newer entry of those shards: an entry that was handled but not
+  yet acked is handled twice. Such entries reach the handler with
+  ``redelivered=True`` and are counted in ``stats().redelivered``.
+* **Handover.** When a process joins, the shards that move to it are drained
+  first: their old owner stops fetching from them, settles what it fetched,
+  then releases the lease. A process cut off from Redis for ``lease_ttl``
+  stops fetching; its handlers already running are not interrupted.
 * **Errors.** ``start()`` sets up the client in the calling thread, so a
   bad address raises there. An error that later stops the consumer's thread
   is kept in ``consumer.error`` and raised again by ``stop()``. A message whose
   key cannot be read is dead-lettered with that error. The consumer's thread
   is not a daemon; it is stopped gracefully when the interpreter exits.
-* **Static ownership.** Run exactly one live process per ``process_index``
-  (a supervisor such as systemd or a Kubernetes StatefulSet restarts it when it
-  dies). To change ``process_count``, stop all processes gracefully first.
-  ``shards`` must be the same for publishers and consumers and never change
-  while entries are pending.
+* **Pinned shards** (``process_index`` and ``process_count`` given): no
+  leases; run exactly one live process per index (a supervisor restarts it
+  when it dies; its replacement claims the pending entries at start). To
+  change ``process_count``, stop all processes gracefully first.
+* ``shards`` must be the same for publishers and consumers and never change
+  while entries are pending. Redis Cluster is not supported (one XREADGROUP
+  reads several shard streams).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +78,7 @@ from ._consumer import (
     read_key,
     shard_of,
 )
+from ._shards import ShardLeases, new_token
 
 __all__ = [
     "ConsumerStats",
@@ -120,6 +128,77 @@ def publish(
     return client.xadd(shard_stream(stream, shard), entry, maxlen=maxlen)
 
 
+# Refresh a member's heartbeat, drop expired members, renew its leases.
+# KEYS: members zset, lease keys...; ARGV: token, ttl in ms. Uses the server's
+# clock, so the processes' clocks need not agree.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl * 10)
+local mine = {}
+for i = 2, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+    mine[#mine + 1] = 1
+  else
+    mine[#mine + 1] = 0
+  end
+end
+return {redis.call('ZRANGE', KEYS[1], 0, -1), mine}
+"""
+
+# Delete a lease only if this token holds it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class _RedisLeases:
+    """Members and shard leases in Redis keys beside the stream (see ``_shards.py``).
+
+    ``f"{stream}:keyedpool:{group}:members"`` is a sorted set of member tokens
+    scored by their expiry (server time, ms); ``f"{stream}:keyedpool:{group}:lease:{shard}"``
+    holds the token of the shard's owner and expires unless renewed.
+    """
+
+    def __init__(self, client: redis.Redis, stream: str, group: str) -> None:
+        self._client = client
+        self._prefix = f"{stream}:keyedpool:{group}"
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._release = client.register_script(_RELEASE)
+
+    def _lease(self, shard: int) -> str:
+        return f"{self._prefix}:lease:{shard}"
+
+    def heartbeat(
+        self, token: str, ttl: float, held: Sequence[int]
+    ) -> tuple[list[str], list[bool]]:
+        members, mine = self._heartbeat(
+            keys=[f"{self._prefix}:members", *(self._lease(s) for s in held)],
+            args=[token, _ms(ttl)],
+        )
+        return [_text(m) for m in members], [bool(flag) for flag in mine]
+
+    def acquire(self, shard: int, token: str, ttl: float) -> bool:
+        return bool(self._client.set(self._lease(shard), token, nx=True, px=_ms(ttl)))
+
+    def release(self, shard: int, token: str) -> None:
+        self._release(keys=[self._lease(shard)], args=[token])
+
+    def leave(self, token: str) -> None:
+        self._client.zrem(f"{self._prefix}:members", token)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
 @dataclass(frozen=True)
 class RedisMessage:
     """One stream entry, as the handler gets it."""
@@ -160,8 +239,20 @@ class RedisConsumer(_ConsumerBase):
         group: the consumer group (created on the shard streams if missing,
             reading from the beginning).
         shards: how many shard streams there are (the same as in :func:`publish`).
-        process_index, process_count: this process reads the shards ``s`` with
-            ``s % process_count == process_index``.
+        process_index, process_count: leave both out (the default) and the
+            processes that run this consumer (same *stream* and *group*)
+            share the shards among themselves through leases in Redis: one
+            that starts gets its part, one that stops or dies has its shards
+            taken over by the others. Give both to pin the shards instead:
+            this process then always reads the shards ``s`` with
+            ``s % process_count == process_index``, and a dead process's
+            shards wait for a process with its index.
+        lease_ttl: seconds a shard lease and a member's heartbeat last
+            (without pinned shards). A process that dies loses its shards
+            after at most this long; one cut off from Redis this long stops
+            fetching. Keep it well above a handler's running time.
+        on_rebalance: called with the set of shard numbers this process
+            reads, whenever it changes (on the fetching thread).
         key: where the key is: a field name (default ``"key"``; no such
             field: no order kept) or a function of the message returning
             ``str``, ``bytes``, ``int`` or ``None``. The key orders entries
@@ -194,8 +285,10 @@ class RedisConsumer(_ConsumerBase):
         *,
         group: str,
         shards: int = 1,
-        process_index: int = 0,
-        process_count: int = 1,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        lease_ttl: float = 10.0,
+        on_rebalance: Callable[[frozenset[int]], None] | None = None,
         key: str | Callable[[RedisMessage], Key | None] = "key",
         name: str | None = None,
         pool: KeyedPoolExecutor | None = None,
@@ -213,7 +306,10 @@ class RedisConsumer(_ConsumerBase):
         if not isinstance(group, str) or not group:
             raise TypeError("group must be a non-empty str")
         check_handler(handler)
-        check_sharding(shards, process_index, process_count)
+        pinned = check_sharding(shards, process_index, process_count)
+        check_seconds("lease_ttl", lease_ttl)
+        if on_rebalance is not None and not callable(on_rebalance):
+            raise TypeError("on_rebalance must be callable or None")
         if not (isinstance(key, str) or callable(key)):
             raise TypeError(
                 "key must be a field name (str) or a function of the message"
@@ -227,11 +323,28 @@ class RedisConsumer(_ConsumerBase):
         self._stream = stream
         self._group = group
         self._name = name or f"{socket.gethostname()}-{os.getpid()}"
-        self._shards = {
-            shard_stream(stream, s): s
-            for s in range(shards)
-            if s % process_count == process_index
-        }
+        self._streams = [shard_stream(stream, s) for s in range(shards)]
+        self._shard_of = {name: s for s, name in enumerate(self._streams)}
+        self._on_rebalance = on_rebalance
+        self._pinned: frozenset[int] = frozenset()
+        self._leases: ShardLeases | None = None
+        if pinned:
+            assert process_index is not None and process_count is not None
+            self._pinned = frozenset(
+                s for s in range(shards) if s % process_count == process_index
+            )
+        else:
+            self._leases = ShardLeases(
+                _RedisLeases(client, stream, group),
+                shards,
+                lease_ttl,
+                new_token(self._name),
+                on_change=on_rebalance,
+            )
+        # Shards whose unacked entries are being taken over: shard -> XAUTOCLAIM cursor.
+        self._claiming: dict[int, str] = {}
+        # Entries fetched per shard and not acked yet: a shard is handed over only at 0.
+        self._unsettled = [0] * shards
         self._key = key
         self._dead_stream = (
             dead_letter_stream(stream) if dead_letter == "" else dead_letter
@@ -258,9 +371,14 @@ class RedisConsumer(_ConsumerBase):
     # -- public -------------------------------------------------------------------
 
     @property
+    def shards(self) -> frozenset[int]:
+        """The shard numbers this process reads now (changes as processes come and go)."""
+        return self._pinned if self._leases is None else self._leases.readable
+
+    @property
     def shard_streams(self) -> list[str]:
-        """The shard streams this process reads."""
-        return list(self._shards)
+        """The shard streams this process reads now."""
+        return [self._streams[s] for s in sorted(self.shards)]
 
     @property
     def name(self) -> str:
@@ -309,17 +427,39 @@ class RedisConsumer(_ConsumerBase):
     def _consume(self) -> None:
         if not self._set_up:
             self._open()
-        self._recover()
+        if self._leases is None:
+            # Take over what an earlier process of this index left unacked, first.
+            self._claiming = dict.fromkeys(sorted(self._pinned), "0-0")
+            if self._on_rebalance is not None:
+                self._on_rebalance(self._pinned)
         while not self._stopping.is_set():
             self._flush_acks()
+            self._rebalance()
             room = self._handling.wait_for_room(self._block)
-            if room and not self._stopping.is_set():
-                self._fetch(room)
+            if not room or self._stopping.is_set():
+                continue
+            reading = [
+                self._streams[s] for s in sorted(self.shards) if s not in self._claiming
+            ]
+            try:
+                if self._claiming:
+                    room -= self._claim(room)
+                if reading and room > 0:
+                    self._fetch(reading, room)
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._open()  # someone deleted the stream: start it over
+            except redis.ConnectionError:
+                log.warning("keyedpool: Redis connection lost; retrying", exc_info=True)
+                self._stopping.wait(self._block)
+            if not reading and not self._claiming:
+                self._stopping.wait(self._block)  # no shard here (yet): idle a poll
 
     # -- fetching -----------------------------------------------------------------
 
     def _open(self) -> None:
-        for stream in self._shards:
+        for stream in self._streams:
             try:
                 self._client.xgroup_create(stream, self._group, id="0", mkstream=True)
             except redis.ResponseError as exc:
@@ -327,40 +467,58 @@ class RedisConsumer(_ConsumerBase):
                     raise
         self._set_up = True
 
-    def _recover(self) -> None:
-        # Take over the entries a dead process of this index left pending, and
-        # handle them (in ID order) before anything newer in their shards.
-        for stream in self._shards:
-            start = "0-0"
-            while not self._stopping.is_set():
-                room = self._handling.wait_for_room(self._block)
-                self._flush_acks()
-                if not room:
-                    continue
-                # XAUTOCLAIM walks the group's pending entries in ID order (ours
-                # included) and makes them ours; deleted ones are only reported.
-                reply = self._client.xautoclaim(
-                    stream,
-                    self._group,
-                    self._name,
-                    0,
-                    start_id=start,
-                    count=min(room, self._batch),
-                )
-                start = _text(reply[0])
-                gone = list(reply[2]) if len(reply) > 2 else []
-                for entry_id, fields in reply[1]:
-                    if fields:
-                        self._dispatch(
-                            stream, _text(entry_id), fields, redelivered=True
-                        )
-                    else:  # Redis 6.2 reports deleted entries here
-                        gone.append(entry_id)
-                if gone:
-                    self._client.xack(stream, self._group, *gone)
-                if start == "0-0":
-                    break
-            self._forget_dead_consumers(stream)
+    def _busy(self, shard: int) -> bool:
+        # Entries of this shard are in flight here, or acked but the XACK is unsent.
+        with self._acks_lock:
+            return self._unsettled[shard] > 0
+
+    def _rebalance(self) -> None:
+        leases = self._leases
+        if leases is None:
+            return
+        leases.tick(self._busy)
+        for shard in leases.gained - self._claiming.keys():
+            self._claiming[shard] = "0-0"
+        for shard in self._claiming.keys() - leases.gained:
+            del self._claiming[shard]  # handed back before it was taken over
+
+    def _claim(self, room: int) -> int:
+        # Take over the entries a dead (or earlier) owner left pending, and
+        # dispatch them (in ID order) before anything newer in their shards.
+        # Returns how many were dispatched.
+        dispatched = 0
+        for shard, start in list(self._claiming.items()):
+            if dispatched >= room:
+                break
+            stream = self._streams[shard]
+            # XAUTOCLAIM walks the group's pending entries in ID order and makes
+            # them ours; deleted ones are only reported.
+            reply = self._client.xautoclaim(
+                stream,
+                self._group,
+                self._name,
+                0,
+                start_id=start,
+                count=min(room - dispatched, self._batch),
+            )
+            cursor = _text(reply[0])
+            gone = list(reply[2]) if len(reply) > 2 else []
+            for entry_id, fields in reply[1]:
+                if fields:
+                    self._dispatch(stream, _text(entry_id), fields, redelivered=True)
+                    dispatched += 1
+                else:  # Redis 6.2 reports deleted entries here
+                    gone.append(entry_id)
+            if gone:
+                self._client.xack(stream, self._group, *gone)
+            if cursor == "0-0":
+                del self._claiming[shard]
+                if self._leases is not None:
+                    self._leases.gained.discard(shard)
+                self._forget_dead_consumers(stream)
+            else:
+                self._claiming[shard] = cursor
+        return dispatched
 
     def _forget_dead_consumers(self, stream: str) -> None:
         try:
@@ -375,25 +533,15 @@ class RedisConsumer(_ConsumerBase):
                 exc_info=True,
             )
 
-    def _fetch(self, room: int) -> None:
-        count = max(1, min(room, self._batch) // len(self._shards))
-        try:
-            reply = self._client.xreadgroup(
-                self._group,
-                self._name,
-                dict.fromkeys(self._shards, ">"),
-                count=count,
-                block=max(1, int(self._block * 1000)),
-            )
-        except redis.ResponseError as exc:
-            if "NOGROUP" in str(exc):
-                self._open()
-                return
-            raise
-        except redis.ConnectionError:
-            log.warning("keyedpool: Redis connection lost; retrying", exc_info=True)
-            self._stopping.wait(self._block)
-            return
+    def _fetch(self, streams: list[str], room: int) -> None:
+        count = max(1, min(room, self._batch) // len(streams))
+        reply = self._client.xreadgroup(
+            self._group,
+            self._name,
+            dict.fromkeys(streams, ">"),
+            count=count,
+            block=max(1, int(self._block * 1000)),
+        )
         for stream, entry_id, fields in _entries(reply):
             self._dispatch(stream, entry_id, fields, redelivered=False)
 
@@ -405,9 +553,12 @@ class RedisConsumer(_ConsumerBase):
         *,
         redelivered: bool,
     ) -> None:
+        shard = self._shard_of[stream]
+        with self._acks_lock:
+            self._unsettled[shard] += 1
         message = RedisMessage(
             stream=stream,
-            shard=self._shards[stream],
+            shard=shard,
             id=entry_id,
             fields=fields,
             key=None,
@@ -461,6 +612,10 @@ class RedisConsumer(_ConsumerBase):
             log.warning("keyedpool: XACK failed; trying again", exc_info=True)
             with self._acks_lock:
                 self._acks[:0] = acks
+            return
+        with self._acks_lock:
+            for stream, ids in by_stream.items():
+                self._unsettled[self._shard_of[stream]] -= len(ids)
 
     def _write_dead_letter(self, message: RedisMessage, error: BaseException) -> None:
         if self._dead_stream is not None:
@@ -494,6 +649,9 @@ class RedisConsumer(_ConsumerBase):
                     self._handling.in_flight,
                 )
             self._flush_acks()
+            if self._leases is not None:
+                # Hand the drained shards to the others at once (the rest expire).
+                self._leases.leave(self._busy)
         finally:
             self._handling.close()
             if self._own_pool:

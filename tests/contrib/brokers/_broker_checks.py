@@ -57,6 +57,10 @@ class ConsumerProcess:
         self.ready = False
         self.handled = 0
         self.stats: dict[str, int] | None = None
+        #: The (key, seq) pairs it handled (only with ``progress=1``, which names them).
+        self.done: set[tuple[str, int]] = set()
+        #: The shards it reads, as it last printed them (None: not printed yet).
+        self.shards: frozenset[int] | None = None
         self.stderr: list[str] = []
         self._out = threading.Thread(target=self._follow_stdout, daemon=True)
         self._err = threading.Thread(target=self._follow_stderr, daemon=True)
@@ -69,9 +73,17 @@ class ConsumerProcess:
             with self._changed:
                 self.lines.append(line.rstrip("\n"))
                 if line.startswith("handled "):
-                    self.handled = int(line.split()[1])
+                    parts = line.split()
+                    self.handled = int(parts[1])
+                    if len(parts) == 4:
+                        self.done.add((parts[2], int(parts[3])))
                 elif line.startswith("ready"):
                     self.ready = True
+                elif line.startswith("shards"):
+                    numbers = line.split()[1:]
+                    self.shards = frozenset(
+                        int(n) for n in numbers[0].split(",")
+                    ) if numbers else frozenset()
                 elif line.startswith("stats "):
                     self.stats = json.loads(line[6:])
                 self._changed.notify_all()
@@ -336,27 +348,150 @@ def sigkill_process_1_mid_stream(
         for proc in (p0, p1, replacement):
             if proc is not None:
                 proc.close()
-    check = check_log(log, dict.fromkeys(keys, 100))
-    assert check.lost == []
-    assert check.violations == []
-    # At least once: only the replacement handled anything twice, and every
-    # copy it handled of a message the dead process had handled was flagged.
-    assert set(check.duplicates_by_pid) <= {replacement.pid}
-    dup_records = [
-        (key, seq, flag)
-        for key, records in check.by_key.items()
-        for pid, seq, flag in records
-        if pid == replacement.pid and (key, seq) in done_by_p1
-    ]
-    assert len(dup_records) == check.duplicates
-    assert all(flag for _, _, flag in dup_records)
-    assert stats1["redelivered"] >= check.duplicates
+    check = check_after_a_kill(log, keys, replacement.pid, done_by_p1, stats1)
     assert stats0["redelivered"] == 0
     with capsys.disabled():
         print(
             f"\n[{broker}] SIGKILL mid-stream: {check.total} handled, 0 lost, "
             f"{check.duplicates} duplicates (at-least-once), "
             f"{stats1['redelivered']} redelivered to the replacement"
+        )
+
+
+def check_after_a_kill(
+    log: Path,
+    keys: list[str],
+    heir: int,
+    done_by_dead: set[tuple[str, int]],
+    heir_stats: dict[str, int],
+) -> LogCheck:
+    """Check the log after a SIGKILL: nothing lost, no reordering, duplicates only where due.
+
+    At least once: only *heir* (the process that took the dead one's shards)
+    handled anything twice, and every copy it handled of a message the dead
+    process had handled (*done_by_dead*) was flagged ``redelivered``.
+    """
+    check = check_log(log, dict.fromkeys(keys, 100))
+    assert check.lost == []
+    assert check.violations == []
+    assert set(check.duplicates_by_pid) <= {heir}
+    dup_records = [
+        (key, seq, flag)
+        for key, records in check.by_key.items()
+        for pid, seq, flag in records
+        if pid == heir and (key, seq) in done_by_dead
+    ]
+    assert len(dup_records) == check.duplicates
+    assert all(flag for _, _, flag in dup_records)
+    assert heir_stats["redelivered"] >= check.duplicates
+    return check
+
+
+def wait_for_even_shards(procs: list[ConsumerProcess], shards: int) -> None:
+    """Wait until *procs* say they read disjoint, equal parts that cover all *shards*."""
+
+    def even() -> bool:
+        sets = [p.shards for p in procs]
+        if any(s is None for s in sets):
+            return False
+        parts = [s for s in sets if s is not None]
+        return (
+            sum(len(s) for s in parts) == shards
+            and frozenset().union(*parts) == frozenset(range(shards))
+            and {len(s) for s in parts} == {shards // len(procs)}
+        )
+
+    ConsumerProcess.wait(even, f"{len(procs)} processes to share {shards} shards evenly")
+
+
+def a_second_process_joins_mid_stream(
+    log: Path,
+    keys: list[str],
+    config: Callable[..., dict[str, Any]],
+    publish: Callable[[range], None],
+    shard_of_key: Callable[[str], int],
+    shards: int,
+) -> None:
+    """Process 0 reads every shard; process 1 joins: half the shards move, drained first.
+
+    No message is lost, handled twice or reordered (the log shows one global
+    order across both processes), and after the move each key runs in the
+    process that now owns its shard.
+    """
+    publish(range(50))
+    # Slow handlers, so that process 0 still has a backlog when process 1 joins.
+    p0 = ConsumerProcess(config(progress=1, cost=0.002))
+    p1 = None
+    try:
+        ConsumerProcess.wait(lambda: p0.shards == frozenset(range(shards)), "p0 to own all")
+        p0.wait_handled(100)
+        p1 = ConsumerProcess(config(progress=1, cost=0.002))
+        wait_for_even_shards([p0, p1], shards)
+        publish(range(50, 100))
+        expected = len(keys) * 100
+        ConsumerProcess.wait(lambda: len(p0.done | p1.done) >= expected, "all handled")
+        owners = {p0.pid: p0.shards, p1.pid: p1.shards}
+        stats = [p0.stop(), p1.stop()]
+    finally:
+        for proc in (p0, p1):
+            if proc is not None:
+                proc.close()
+    check = check_log(log, dict.fromkeys(keys, 100))
+    assert check.lost == []
+    assert check.violations == []
+    assert check.duplicates == 0
+    assert check.total == expected
+    assert sum(s["handled"] for s in stats) == expected
+    assert sum(s["redelivered"] for s in stats) == 0
+    # Messages published after the move ran in the shard's new owner only.
+    for key, records in check.by_key.items():
+        later = {pid for pid, seq, _ in records if seq >= 50}
+        owner = [pid for pid, owned in owners.items() if shard_of_key(key) in (owned or ())]
+        assert later == set(owner), key
+
+
+def sigkill_one_the_other_takes_over(
+    broker: str,
+    log: Path,
+    keys: list[str],
+    config: Callable[..., dict[str, Any]],
+    publish: Callable[[range], None],
+    shards: int,
+    capsys: Any,
+    *,
+    after_kill: Callable[[], None] | None = None,
+) -> None:
+    """Kill one of two processes mid-stream, start none: the survivor takes its shards over.
+
+    Nothing is lost, per-key order holds through the redelivery, and only the
+    survivor handles anything twice (each such copy flagged ``redelivered``).
+    """
+    p0 = ConsumerProcess(config(progress=1))
+    p1 = ConsumerProcess(config(stall_after=300))
+    try:
+        wait_for_even_shards([p0, p1], shards)
+        publish(range(50))
+        p1.wait_handled(300)
+        p1.kill()
+        if after_kill is not None:
+            after_kill()
+        done_by_p1 = {(k, s) for pid, k, s, _ in read_log(log) if pid == p1.pid}
+        assert len(done_by_p1) >= 300
+        publish(range(50, 100))
+        # Nobody is started: p0 takes the dead one's shards once its leases expire.
+        ConsumerProcess.wait(lambda: p0.shards == frozenset(range(shards)), "the takeover")
+        expected = len(keys) * 100
+        ConsumerProcess.wait(lambda: len(p0.done | done_by_p1) >= expected, "all handled")
+        stats0 = p0.stop()
+    finally:
+        for proc in (p0, p1):
+            proc.close()
+    check = check_after_a_kill(log, keys, p0.pid, done_by_p1, stats0)
+    with capsys.disabled():
+        print(
+            f"\n[{broker}] SIGKILL, no replacement: the survivor took over; "
+            f"{check.total} handled, 0 lost, {check.duplicates} duplicates "
+            f"(at-least-once), {stats0['redelivered']} redelivered"
         )
 
 

@@ -16,11 +16,15 @@ Run as ``python consumer_proc.py CONFIG_JSON``. ``CONFIG_JSON`` is a JSON object
   blocks until the process is killed (so a test can SIGKILL it with messages in
   flight, deterministically); 0 means never;
 * ``progress``: print ``handled N`` on stdout every this many messages, so a test
-  can wait for progress on a pipe instead of polling;
+  can wait for progress on a pipe instead of polling; with 1, each line also
+  names the message: ``handled N key seq``;
 * the broker's own settings (``url``, ``stream``/``subject``, ``group``, ``shards``,
-  ``process_index``, ``process_count``, ``workers``).
+  ``workers``), and either ``process_index`` and ``process_count`` (pinned
+  shards) or neither (the processes share the shards through leases; then
+  ``lease_ttl`` applies).
 
-It prints ``ready`` once consuming, and on SIGTERM stops gracefully (stop
+It prints ``shards 1,3,5`` (the shard numbers it reads) whenever that set
+changes, ``ready`` once consuming, and on SIGTERM stops gracefully (stop
 fetching, drain, ack, close), prints ``stats {json}`` and ``stopped``, and exits 0.
 """
 
@@ -40,6 +44,19 @@ from typing import Any
 Record = Callable[[str, int, bool], None]
 
 
+def _sharding(config: dict[str, Any]) -> dict[str, Any]:
+    """The consumer's sharding arguments from *config*, and a hook that prints its shards."""
+    def on_rebalance(shards: frozenset[int]) -> None:
+        say("shards " + ",".join(map(str, sorted(shards))))
+
+    out: dict[str, Any] = {"shards": config["shards"], "on_rebalance": on_rebalance}
+    if "process_index" in config:
+        out.update(process_index=config["process_index"], process_count=config["process_count"])
+    else:
+        out["lease_ttl"] = config.get("lease_ttl", 10.0)
+    return out
+
+
 def _redis(config: dict[str, Any], record: Record) -> Any:
     import redis
 
@@ -55,10 +72,8 @@ def _redis(config: dict[str, Any], record: Record) -> Any:
         config["stream"],
         handle,
         group=config["group"],
-        shards=config["shards"],
-        process_index=config["process_index"],
-        process_count=config["process_count"],
         max_workers=config.get("workers", 8),
+        **_sharding(config),
     )
 
 
@@ -72,11 +87,9 @@ def _nats(config: dict[str, Any], record: Record) -> Any:
         f"nats://{config['url']}",
         config["stream"],
         handle,
-        shards=config["shards"],
-        process_index=config["process_index"],
-        process_count=config["process_count"],
         max_workers=config.get("workers", 8),
         ack_wait=config.get("ack_wait", 30.0),
+        **_sharding(config),
     )
 
 
@@ -115,7 +128,9 @@ def main() -> None:
         os.write(log_fd, f"{pid} {key} {seq} {int(redelivered)}\n".encode())
         with lock:
             handled += 1
-            if handled % progress == 0:
+            if progress == 1:
+                say(f"handled {handled} {key} {seq}")
+            elif handled % progress == 0:
                 say(f"handled {handled}")
 
     broker = config["broker"]

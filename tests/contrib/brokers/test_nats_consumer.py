@@ -26,6 +26,7 @@ from _broker_checks import (  # noqa: E402
     WAIT,
     InProcess,
     Server,
+    a_second_process_joins_mid_stream,
     check_a_flaky_message_is_retried_in_order,
     check_a_poison_message_is_dead_lettered,
     check_a_slow_key_does_not_stop_the_others,
@@ -33,6 +34,7 @@ from _broker_checks import (  # noqa: E402
     keys_on_distinct_workers,
     proc_config,
     run_two_sharded_processes,
+    sigkill_one_the_other_takes_over,
     sigkill_process_1_mid_stream,
 )
 
@@ -168,6 +170,49 @@ def test_sigkill_mid_stream_loses_nothing_and_keeps_order(
         capsys,
     )
     assert _unacked(nats_server, stream) == 0
+
+
+def _shared_config(server: Server, log: Path, stream: str, **extra: Any) -> dict[str, Any]:
+    """A process that shares the shards with the others through leases (no process_index)."""
+    return proc_config(
+        log, broker="nats", url=server.url, stream=stream, shards=SHARDS, lease_ttl=1.5, **extra,
+    )
+
+
+def test_a_process_that_joins_gets_half_the_shards_after_they_drain(
+    nats_server: Server, stream: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "handled.log"
+    a_second_process_joins_mid_stream(
+        log,
+        KEYS,
+        lambda **extra: _shared_config(nats_server, log, stream, **extra),
+        lambda seqs: _publish(nats_server, stream, KEYS, seqs),
+        lambda key: shard_of(key, SHARDS),
+        SHARDS,
+    )
+    assert _unacked(nats_server, stream) == 0
+
+
+def test_sigkill_without_a_replacement_the_survivor_takes_over(
+    nats_server: Server, stream: str, tmp_path: Path, capsys: Any
+) -> None:
+    log = tmp_path / "handled.log"
+    sigkill_one_the_other_takes_over(
+        "nats",
+        log,
+        KEYS,
+        lambda **extra: _shared_config(nats_server, log, stream, **extra),
+        lambda seqs: _publish(nats_server, stream, KEYS, seqs),
+        SHARDS,
+        capsys,
+        after_kill=lambda: _assert_unacked(nats_server, stream),
+    )
+    assert _unacked(nats_server, stream) == 0
+
+
+def _assert_unacked(server: Server, stream: str) -> None:
+    assert _unacked(server, stream) > 0  # the dead process's messages, still unacked
 
 
 def _seq_of(message: NatsMessage) -> int:
@@ -319,6 +364,24 @@ def test_bad_arguments_fail_at_the_call() -> None:
         NatsConsumer(url, "S", print, key=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="poll_timeout"):
         NatsConsumer(url, "S", print, poll_timeout=0)
+    with pytest.raises(TypeError, match="give both process_index and process_count"):
+        NatsConsumer(url, "S", print, shards=4, process_count=2)
+    with pytest.raises(ValueError, match="lease_ttl"):
+        NatsConsumer(url, "S", print, lease_ttl=float("inf"))
+
+
+def test_processes_with_different_lease_ttls_are_refused_at_start(
+    nats_server: Server, stream: str
+) -> None:
+    # The lease bucket's TTL is the lease time of every process of the stream.
+    first = NatsConsumer(_url(nats_server), stream, print, shards=2, lease_ttl=5.0).start()
+    try:
+        other = NatsConsumer(_url(nats_server), stream, print, shards=2, lease_ttl=7.0)
+        with pytest.raises(ValueError, match="same lease_ttl"):
+            other.start()
+        assert other.error is not None
+    finally:
+        assert first.stop() is True
 
 
 def test_start_raises_when_nats_cannot_be_reached() -> None:

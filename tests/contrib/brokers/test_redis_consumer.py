@@ -27,6 +27,7 @@ from _broker_checks import (  # noqa: E402
     WAIT,
     InProcess,
     Server,
+    a_second_process_joins_mid_stream,
     check_a_flaky_message_is_retried_in_order,
     check_a_poison_message_is_dead_lettered,
     check_a_slow_key_does_not_stop_the_others,
@@ -34,6 +35,7 @@ from _broker_checks import (  # noqa: E402
     keys_on_distinct_workers,
     proc_config,
     run_two_sharded_processes,
+    sigkill_one_the_other_takes_over,
     sigkill_process_1_mid_stream,
 )
 
@@ -125,6 +127,46 @@ def test_sigkill_mid_stream_loses_nothing_and_keeps_order(
         lambda i, **extra: _config(redis_server, log, stream, i, **extra),
         lambda seqs: _publish(client, stream, KEYS, seqs),
         _share,
+        capsys,
+        after_kill=lambda: _assert_pending(client, stream),
+    )
+    assert _pending(client, stream, "g") == 0
+
+
+def _shared_config(server: Server, log: Path, stream: str, **extra: Any) -> dict[str, Any]:
+    """A process that shares the shards with the others through leases (no process_index)."""
+    return proc_config(
+        log, broker="redis", url=server.url, stream=stream, group="g",
+        shards=SHARDS, lease_ttl=1.5, **extra,
+    )
+
+
+def test_a_process_that_joins_gets_half_the_shards_after_they_drain(
+    redis_server: Server, client: redis.Redis, stream: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "handled.log"
+    a_second_process_joins_mid_stream(
+        log,
+        KEYS,
+        lambda **extra: _shared_config(redis_server, log, stream, **extra),
+        lambda seqs: _publish(client, stream, KEYS, seqs),
+        lambda key: shard_of(key, SHARDS),
+        SHARDS,
+    )
+    assert _pending(client, stream, "g") == 0
+
+
+def test_sigkill_without_a_replacement_the_survivor_takes_over(
+    redis_server: Server, client: redis.Redis, stream: str, tmp_path: Path, capsys: Any
+) -> None:
+    log = tmp_path / "handled.log"
+    sigkill_one_the_other_takes_over(
+        "redis",
+        log,
+        KEYS,
+        lambda **extra: _shared_config(redis_server, log, stream, **extra),
+        lambda seqs: _publish(client, stream, KEYS, seqs),
+        SHARDS,
         capsys,
         after_kill=lambda: _assert_pending(client, stream),
     )
@@ -263,6 +305,12 @@ def test_bad_arguments_fail_at_the_call(client: redis.Redis) -> None:
         RedisConsumer(client, "s", print, group="")
     with pytest.raises(ValueError, match="poll_timeout"):
         RedisConsumer(client, "s", print, group="g", poll_timeout=0)
+    with pytest.raises(TypeError, match="give both process_index and process_count"):
+        RedisConsumer(client, "s", print, group="g", shards=4, process_index=1)
+    with pytest.raises(ValueError, match="lease_ttl"):
+        RedisConsumer(client, "s", print, group="g", lease_ttl=0)
+    with pytest.raises(TypeError, match="on_rebalance"):
+        RedisConsumer(client, "s", print, group="g", on_rebalance=3)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         publish(client, "s", 1.5, {}, shards=2)  # type: ignore[arg-type]
 
