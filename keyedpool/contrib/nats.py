@@ -55,11 +55,12 @@ Guarantees and their limits:
 * **Pinned shards** (``process_index`` and ``process_count`` given): no
   leases; run exactly one live process per index (a supervisor restarts it).
   ``shards`` must be the same for publishers and consumers.
-* **Reconnects.** nats-py reconnects on its own. If a connection drops while a
-  fetch's messages are on the wire, JetStream delivers those again after
-  ``ack_wait``, possibly after newer messages of the same keys: nothing is lost,
-  but order can break in that window. Restart the process after a long outage
-  (it replays from the ack floor) if order matters more than uptime.
+* **Reconnects.** nats-py reconnects on its own. A fetch's messages that were
+  on the wire when the connection dropped would come again only after
+  ``ack_wait``, after newer ones; so after a reconnect each shard stops
+  fetching, drains, and is bound afresh from its ack floor: the lost messages
+  come first, in order (messages handled meanwhile whose acks had not arrived
+  are recognised and dropped as duplicates).
 """
 
 from __future__ import annotations
@@ -432,7 +433,8 @@ class NatsConsumer(_ConsumerBase):
         poll_timeout: how long one fetch waits for messages, in seconds (also
             how quickly :meth:`stop` is noticed).
         ack_wait: the shard consumers' ack wait, in seconds (used when creating them).
-        connect_options: more keyword arguments for ``nats.connect``.
+        connect_options: more keyword arguments for ``nats.connect``. A
+            ``reconnected_cb`` given here is still called (after the consumer's own).
     """
 
     def __init__(
@@ -502,6 +504,9 @@ class NatsConsumer(_ConsumerBase):
         # Made at connect time (the lease store needs the connection).
         self._leases: ShardLeases | None = None
         self._fetch_error: BaseException | None = None
+        # Set by nats-py's reconnected_cb; the shards read then are bound afresh.
+        self._reconnected = threading.Event()
+        self._rebind: set[int] = set()
         self._init_lifecycle(f"keyedpool-nats-{stream}", pool, max_workers)
         if max_in_flight is None:
             # Leave room in the pool for a fetch that overshoots (one batch per shard).
@@ -592,8 +597,7 @@ class NatsConsumer(_ConsumerBase):
         tick = min(self._fetch_timeout, self._ack_wait / 3)
         next_sign_of_life = monotonic() + self._ack_wait / 3
         while not self._stopping.is_set():
-            if self._leases is not None:
-                self._rebalance(self._leases)
+            self._rebalance()
             if monotonic() >= next_sign_of_life:
                 loop.call(self._still_working())
                 next_sign_of_life = monotonic() + self._ack_wait / 3
@@ -618,22 +622,42 @@ class NatsConsumer(_ConsumerBase):
         shard = self._shards[index]
         return self._busy_fetching(shard) or bool(shard.in_flight) or shard.acks > 0
 
-    def _rebalance(self, leases: ShardLeases) -> None:
+    def _rebalance(self) -> None:
+        # Bind the shards that need it, start and stop the shards' fetching tasks.
         assert self._loop is not None and self._js is not None
-        leases.tick(self._busy)
-        readable = leases.readable
-        for index in sorted(leases.gained & readable):
+        leases = self._leases
+        if leases is not None:
+            leases.tick(self._busy)
+            readable, gained = leases.readable, leases.gained
+        else:
+            readable, gained = self._pinned or frozenset(), set()
+        if self._reconnected.is_set():
+            self._reconnected.clear()
+            # A fetch's messages may have been lost with the old connection:
+            # JetStream would send them again only after ack_wait, after newer
+            # ones. So each shard is drained, then bound afresh from its ack
+            # floor (see _bind): the lost messages come first.
+            self._rebind |= {s.index for s in self._shards if s.reading}
+        self._rebind &= readable
+        for index in sorted((gained | self._rebind) & readable):
+            if self._busy(index):
+                continue  # stop fetching (below) and drain first
             shard = self._shards[index]
             try:
-                # Bound afresh: unacked messages of a dead owner come first.
+                # Unacked messages (of a dead owner, or lost on the wire) come first.
                 self._loop.call(self._bind(self._js, shard), self._lease_ttl)
             except Exception:
-                log.warning("keyedpool: could not take over %s; trying again",
+                log.warning("keyedpool: could not bind %s; trying again",
                             shard.subject, exc_info=True)
                 continue
-            leases.gained.discard(index)
+            gained.discard(index)
+            self._rebind.discard(index)
         for shard in self._shards:
-            wanted = shard.index in readable and shard.index not in leases.gained
+            wanted = (
+                shard.index in readable
+                and shard.index not in gained
+                and shard.index not in self._rebind
+            )
             if wanted and not shard.reading and not self._busy_fetching(shard):
                 self._start_fetching(shard)
             elif not wanted and shard.reading:
@@ -654,7 +678,16 @@ class NatsConsumer(_ConsumerBase):
 
     async def _connect(self) -> None:
         self._room = asyncio.Event()
-        self._nc = await nats.connect(self._servers, **self._connect_options)
+        options = dict(self._connect_options)
+        theirs = options.get("reconnected_cb")
+
+        async def reconnected() -> None:
+            self._reconnected.set()
+            if theirs is not None:
+                await theirs()
+
+        options["reconnected_cb"] = reconnected
+        self._nc = await nats.connect(self._servers, **options)
         self._js = js = self._nc.jetstream()
         await _ensure_stream(js, self._stream, self._subject)
         if self._pinned is not None:

@@ -10,7 +10,9 @@ shared ``O_APPEND`` file, which ``check_log`` checks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -37,6 +39,7 @@ from _broker_checks import (  # noqa: E402
     sigkill_one_the_other_takes_over,
     sigkill_process_1_mid_stream,
 )
+from _util import wait_until  # noqa: E402
 
 from keyedpool.contrib.nats import (  # noqa: E402
     KEY_HEADER,
@@ -439,3 +442,128 @@ def test_a_message_whose_key_cannot_be_read_is_dead_lettered(
     assert set(errors) == {"boom", "float"}
     assert "no aggregate id" in errors["boom"] and "TypeError" in errors["float"]
     assert _unacked(nats_server, stream) == 0
+
+
+class _CuttableProxy:
+    """A TCP proxy on 127.0.0.1 in front of the server, to lose messages on the wire.
+
+    :meth:`blackhole` makes it drop everything the server sends (the client's
+    requests still reach the server); :meth:`cut` closes every connection and
+    forwards normally again, so the client reconnects through it. A real
+    nats-server is behind it; only the network between is made to fail.
+    """
+
+    def __init__(self, port: int) -> None:
+        self._target = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._dropping = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(("127.0.0.1", self._target))
+            with self._lock:
+                self._sockets += [client, server]
+            for src, dst, from_server in ((client, server, False), (server, client, True)):
+                threading.Thread(
+                    target=self._pump, args=(src, dst, from_server), daemon=True
+                ).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_server: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not (from_server and self._dropping.is_set()):
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def blackhole(self) -> None:
+        self._dropping.set()
+
+    def cut(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._dropping.clear()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.cut()
+
+
+def _delivered(server: Server, stream: str) -> int:
+    """The stream sequence the (only) shard consumer has delivered up to."""
+
+    async def main() -> int:
+        nc = await nats.connect(_url(server))
+        try:
+            info = await nc.jetstream().consumer_info(stream, f"{stream}-keyedpool-0")
+            assert info.delivered is not None
+            return int(info.delivered.stream_seq or 0)
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def test_messages_lost_with_the_connection_come_back_before_newer_ones(
+    nats_server: Server, stream: str
+) -> None:
+    # Without the rebind after a reconnect, JetStream would send 20..29 again
+    # only after ack_wait, after 30..39: an order violation.
+    proxy = _CuttableProxy(nats_server.port)
+    seen: list[int] = []
+    changed = threading.Condition()
+
+    def handle(message: NatsMessage) -> None:
+        with changed:
+            seen.append(int(message.data))
+            changed.notify_all()
+
+    def publish(seqs: range) -> None:
+        with NatsPublisher(_url(nats_server), stream, shards=1) as pub:
+            for seq in seqs:
+                pub.publish("k", str(seq).encode())
+
+    def wait_for(count: int) -> None:
+        with changed:
+            assert changed.wait_for(lambda: len(set(seen)) >= count, WAIT), sorted(set(seen))
+
+    consumer = NatsConsumer(
+        f"nats://127.0.0.1:{proxy.port}", stream, handle, shards=1, max_workers=2,
+        ack_wait=3.0, poll_timeout=0.2,
+        connect_options={"reconnect_time_wait": 0.1, "max_reconnect_attempts": -1},
+    ).start()
+    try:
+        publish(range(20))
+        wait_for(20)
+        proxy.blackhole()
+        publish(range(20, 30))
+        # The server sent them to the consumer's pull request; the proxy dropped them.
+        wait_until(lambda: _delivered(nats_server, stream) >= 30)  # no event for this
+        proxy.cut()
+        publish(range(30, 40))
+        wait_for(40)
+        assert consumer.stop() is True
+    finally:
+        proxy.close()
+        consumer.stop(wait=False)
+    high = -1
+    for seq in seen:
+        assert seq <= high + 1, f"{seq} ran before {high + 1}: {seen}"
+        high = max(high, seq)
+    assert sorted(set(seen)) == list(range(40))
