@@ -1,8 +1,9 @@
 """keyedpool.contrib.nats against a real ``nats-server -js`` on 127.0.0.1 (started by conftest.py).
 
 Scale-out: messages are published to ``f"{subject}.{shard}"`` (mmh3 of the key,
-``SHARDS`` shards), each shard has its own durable pull consumer, and process
-``i`` of 2 reads the shards ``s % 2 == i``. The multi-process tests run real
+``SHARDS`` shards), each shard has its own durable pull consumer, and either
+process ``i`` of 2 reads the shards ``s % 2 == i`` (pinned) or the processes
+share the shards through leases in a KV bucket. The multi-process tests run real
 consumer processes (consumer_proc.py) that log every handled message to one
 shared ``O_APPEND`` file, which ``check_log`` checks.
 """

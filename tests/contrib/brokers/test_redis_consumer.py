@@ -1,7 +1,9 @@
 """keyedpool.contrib.redis against a real ``redis-server`` on 127.0.0.1 (started by conftest.py).
 
 Scale-out: the stream is sharded by the mmh3 hash of the key into ``SHARDS``
-streams; process ``i`` of 2 reads the shards ``s % 2 == i``. The multi-process
+streams; either process ``i`` of 2 reads the shards ``s % 2 == i`` (pinned), or
+the processes share the shards through leases (a process joins; a process is
+killed and the survivor takes over). The multi-process
 tests run real consumer processes (consumer_proc.py) that log every handled
 message to one shared ``O_APPEND`` file, which ``check_log`` checks.
 """
