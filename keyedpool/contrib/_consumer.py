@@ -376,16 +376,39 @@ class KeyedHandling(Generic[M]):
         if self._on_redelivered is not None:
             self._call_hook(self._on_redelivered, message)
 
-    def drain(self, timeout: float | None = None) -> bool:
-        """Wait until every dispatched message is settled; False if *timeout* passed first."""
+    def drain(
+        self,
+        timeout: float | None = None,
+        *,
+        every: float | None = None,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> bool:
+        """Wait until every dispatched message is settled; False if *timeout* passed first.
+
+        With *every* and *meanwhile*, ``meanwhile()`` is called every *every*
+        seconds while waiting (the consumers send acks and keep their shard
+        leases alive that way during a long drain).
+        """
         deadline = None if timeout is None else monotonic() + timeout
-        with self._changed:
-            while self._in_flight:
-                left = None if deadline is None else deadline - monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._changed.wait(left)
-        return True
+        next_call = None if every is None else monotonic() + every
+        while True:
+            with self._changed:
+                while self._in_flight:
+                    now = monotonic()
+                    left = None if deadline is None else deadline - now
+                    if left is not None and left <= 0:
+                        return False
+                    if next_call is not None and now >= next_call:
+                        break
+                    waits = [] if left is None else [left]
+                    if next_call is not None:
+                        waits.append(next_call - now)
+                    self._changed.wait(min(waits) if waits else None)
+                else:
+                    return True
+            assert meanwhile is not None and every is not None
+            meanwhile()
+            next_call = monotonic() + every
 
     def close(self) -> None:
         """Refuse further dispatches and stop the retry timer. Safe to call more than once.

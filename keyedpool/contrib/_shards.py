@@ -130,8 +130,18 @@ class ShardLeases:
         self._next_beat = 0.0
         self._valid_until = 0.0
         self._readable: frozenset[int] = frozenset()
+        self._leaving = False
         #: Shards acquired and not yet taken over by the adapter.
         self.gained: set[int] = set()
+
+    @property
+    def valid_until(self) -> float:
+        """The ``time.monotonic()`` until which the held leases are surely ours.
+
+        A fetching task that runs apart from :meth:`tick` checks this before
+        each fetch, so it stops in time even if the heartbeat is stuck.
+        """
+        return self._valid_until
 
     @property
     def held(self) -> frozenset[int]:
@@ -157,9 +167,22 @@ class ShardLeases:
         self._hand_over(busy)
         self._update()
 
-    def leave(self, busy: Callable[[int], bool]) -> None:
-        """At a graceful stop: release every drained shard and leave the members."""
+    def stop_taking(self) -> None:
+        """At a graceful stop: take no more shards, and hand each over once drained.
+
+        Keep calling :meth:`tick` while draining: the heartbeat keeps the
+        leases of the shards still draining, so nobody starts on their keys
+        meanwhile.
+        """
+        self._leaving = True
         self._target = frozenset()
+
+    def leave(self, busy: Callable[[int], bool]) -> None:
+        """At the end of a graceful stop: release every drained shard and leave the members.
+
+        Shards still busy (the stop timed out) keep their leases until they expire.
+        """
+        self.stop_taking()
         self._hand_over(busy)
         try:
             self._store.leave(self.token)
@@ -181,6 +204,8 @@ class ShardLeases:
         self._valid_until = started + self._ttl
         self._next_beat = started + self._ttl / 3
         self._lose({s for s, ok in zip(held, mine, strict=True) if not ok}, "its lease was taken")
+        if self._leaving:
+            return
         self._target = assign(self._shards, members, self.token)
         for shard in sorted(self._target - self._held):
             if busy(shard):

@@ -68,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -183,7 +184,12 @@ class _Loop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return self.submit(coro).result(timeout)
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()  # so that a retry never runs beside it
+            raise
 
     def close(self) -> None:
         if self.loop.is_closed():
@@ -255,11 +261,14 @@ class _NatsLeases:
         return True
 
     def release(self, shard: int, token: str) -> None:
-        revision = self._revisions.pop(shard, None)
+        revision = self._revisions.get(shard)
         if revision is not None:
-            # Only if it is still ours (our last revision): else a no-op error.
-            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+            try:
+                # Only if it is still ours (our last revision).
                 self._loop.call(self._kv.delete(f"lease.{shard}", last=revision), self._timeout)
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
+                pass  # not ours any more (wrong last sequence): nothing to release
+        self._revisions.pop(shard, None)
 
     def leave(self, token: str) -> None:
         self._loop.call(self._kv.delete(f"members.{token}"), self._timeout)
@@ -373,6 +382,8 @@ class _Shard:
         self.fetching: concurrent.futures.Future[None] | None = None
         #: Acks sent to the loop and not written yet.
         self.acks = 0
+        #: The ack floor + 1 of a consumer deleted to be recreated there (until it is).
+        self.restart_at: int | None = None
         #: Messages delivered before a restart have stream_seq <= this.
         self.delivered_before = 0
         #: stream_seq -> (message, time of the last sign of life sent).
@@ -593,7 +604,7 @@ class NatsConsumer(_ConsumerBase):
             for index in sorted(self._pinned):
                 self._start_fetching(self._shards[index])
             if self._on_rebalance is not None:
-                self._on_rebalance(self._pinned)
+                KeyedHandling._call_hook(self._on_rebalance, self._pinned)
         tick = min(self._fetch_timeout, self._ack_wait / 3)
         next_sign_of_life = monotonic() + self._ack_wait / 3
         while not self._stopping.is_set():
@@ -637,7 +648,9 @@ class NatsConsumer(_ConsumerBase):
             # JetStream would send them again only after ack_wait, after newer
             # ones. So each shard is drained, then bound afresh from its ack
             # floor (see _bind): the lost messages come first.
-            self._rebind |= {s.index for s in self._shards if s.reading}
+            self._rebind |= {
+                s.index for s in self._shards if s.reading or self._busy_fetching(s)
+            }
         self._rebind &= readable
         for index in sorted((gained | self._rebind) & readable):
             if self._busy(index):
@@ -718,6 +731,9 @@ class NatsConsumer(_ConsumerBase):
             assert info.ack_floor is not None and info.delivered is not None
             start = info.ack_floor.stream_seq + 1
             shard.delivered_before = info.delivered.stream_seq
+            # Kept until the new consumer exists: a retry after a failure in
+            # between must not start from the beginning of the stream.
+            shard.restart_at = start
             await js.delete_consumer(self._stream, shard.consumer)
             log.info(
                 "keyedpool: shard %s had %d unacked messages; redelivering from seq %d",
@@ -725,6 +741,7 @@ class NatsConsumer(_ConsumerBase):
             )
             info = None
         if info is None:
+            start = start or shard.restart_at
             config = ConsumerConfig(
                 durable_name=shard.consumer,
                 filter_subject=shard.subject,
@@ -735,6 +752,7 @@ class NatsConsumer(_ConsumerBase):
                 opt_start_seq=start,
             )
             await js.add_consumer(self._stream, config)
+            shard.restart_at = None
         if shard.sub is not None:  # bound before, handed over since
             with contextlib.suppress(Exception):
                 await shard.sub.unsubscribe()
@@ -745,6 +763,11 @@ class NatsConsumer(_ConsumerBase):
         assert room_event is not None
         per_shard = max(1, self._batch)
         while shard.reading and not self._stopping.is_set():
+            leases = self._leases
+            if leases is not None and monotonic() + self._fetch_timeout >= leases.valid_until:
+                # The heartbeat is late: no fetch that could end after the lease may.
+                await asyncio.sleep(self._fetch_timeout)
+                continue
             room = self._handling.room()
             if room <= 0:
                 room_event.clear()
@@ -901,9 +924,15 @@ class NatsConsumer(_ConsumerBase):
     def _finish(self) -> None:
         loop = self._loop
         try:
+            leases = self._leases
+            if leases is not None:
+                leases.stop_taking()
             fetching = [s.fetching for s in self._shards if s.fetching is not None]
             concurrent.futures.wait(fetching, self._fetch_timeout * 4 + 10)
-            if not self._handling.drain(self._drain_timeout):
+            # Meanwhile keep the leases of the shards still draining, hand over the rest.
+            meanwhile = None if leases is None else functools.partial(leases.tick, self._busy)
+            every = None if leases is None else self._fetch_timeout
+            if not self._handling.drain(self._drain_timeout, every=every, meanwhile=meanwhile):
                 log.warning(
                     "keyedpool: %d messages still in flight at stop; they will be "
                     "delivered again", self._handling.in_flight,
@@ -911,9 +940,9 @@ class NatsConsumer(_ConsumerBase):
             with self._acks_lock:
                 pending = list(self._acks)
             concurrent.futures.wait(pending, timeout=10.0)
-            if self._leases is not None:
+            if leases is not None:
                 # Hand the drained shards to the others at once (the rest expire).
-                self._leases.leave(self._busy)
+                leases.leave(self._busy)
             if loop is not None and self._nc is not None:
                 try:
                     # Not drain(): it waits for pull subscriptions' queues to be

@@ -326,6 +326,7 @@ class RedisConsumer(_ConsumerBase):
         self._streams = [shard_stream(stream, s) for s in range(shards)]
         self._shard_of = {name: s for s, name in enumerate(self._streams)}
         self._on_rebalance = on_rebalance
+        self._lease_ttl = lease_ttl
         self._pinned: frozenset[int] = frozenset()
         self._leases: ShardLeases | None = None
         if pinned:
@@ -411,8 +412,8 @@ class RedisConsumer(_ConsumerBase):
         returns True if every in-flight entry was settled. From the thread that
         runs :meth:`run` (a signal handler, say), or with ``wait=False``, it
         only asks :meth:`run` to return, and returns False. Entries left
-        unsettled stay pending in Redis and are handled again by the next
-        process of this ``process_index``. If the consumer stopped because of
+        unsettled stay pending in Redis and are handled again by the process
+        that takes their shard over. If the consumer stopped because of
         an error (see :attr:`error`), that error is raised here.
         """
         return super().stop(timeout, wait=wait)
@@ -431,7 +432,7 @@ class RedisConsumer(_ConsumerBase):
             # Take over what an earlier process of this index left unacked, first.
             self._claiming = dict.fromkeys(sorted(self._pinned), "0-0")
             if self._on_rebalance is not None:
-                self._on_rebalance(self._pinned)
+                KeyedHandling._call_hook(self._on_rebalance, self._pinned)
         while not self._stopping.is_set():
             self._flush_acks()
             self._rebalance()
@@ -446,12 +447,16 @@ class RedisConsumer(_ConsumerBase):
                     room -= self._claim(room)
                 if reading and room > 0:
                     self._fetch(reading, room)
+            except redis.ReadOnlyError:
+                log.warning("keyedpool: Redis is read-only (a failover?); retrying",
+                            exc_info=True)
+                self._stopping.wait(self._block)
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 self._open()  # someone deleted the stream: start it over
-            except redis.ConnectionError:
-                log.warning("keyedpool: Redis connection lost; retrying", exc_info=True)
+            except (redis.ConnectionError, redis.TimeoutError):
+                log.warning("keyedpool: Redis unavailable; retrying", exc_info=True)
                 self._stopping.wait(self._block)
             if not reading and not self._claiming:
                 self._stopping.wait(self._block)  # no shard here (yet): idle a poll
@@ -507,24 +512,35 @@ class RedisConsumer(_ConsumerBase):
                 if fields:
                     self._dispatch(stream, _text(entry_id), fields, redelivered=True)
                     dispatched += 1
-                else:  # Redis 6.2 reports deleted entries here
+                elif entry_id is not None:  # Redis 6.2 reports deleted entries here
                     gone.append(entry_id)
+            # The cursor first: a retry after an error below must not claim
+            # (and dispatch) the entries just dispatched again.
+            self._claiming[shard] = cursor
             if gone:
-                self._client.xack(stream, self._group, *gone)
+                try:
+                    self._client.xack(stream, self._group, *gone)
+                except redis.RedisError:
+                    log.debug("keyedpool: could not ack deleted entries", exc_info=True)
             if cursor == "0-0":
                 del self._claiming[shard]
                 if self._leases is not None:
                     self._leases.gained.discard(shard)
                 self._forget_dead_consumers(stream)
-            else:
-                self._claiming[shard] = cursor
         return dispatched
 
     def _forget_dead_consumers(self, stream: str) -> None:
         try:
             for info in self._client.xinfo_consumers(stream, self._group):
                 other = _text(info.get("name", ""))
-                if other and other != self._name and not info.get("pending"):
+                # Idle for long: not a live process whose XREADGROUP is on its way.
+                idle = int(info.get("idle", 0)) / 1000
+                if (
+                    other
+                    and other != self._name
+                    and not info.get("pending")
+                    and idle > 3 * self._lease_ttl
+                ):
                     self._client.xgroup_delconsumer(stream, self._group, other)
         except redis.RedisError:
             log.debug(
@@ -640,18 +656,29 @@ class RedisConsumer(_ConsumerBase):
 
     # -- stopping -----------------------------------------------------------------
 
+    def _while_draining(self) -> None:
+        # Send the acks, keep the leases of the shards still draining, hand over the rest.
+        self._flush_acks()
+        if self._leases is not None:
+            self._leases.tick(self._busy)
+
     def _finish(self) -> None:
         try:
-            if not self._handling.drain(self._drain_timeout):
+            leases = self._leases
+            if leases is not None:
+                leases.stop_taking()
+            if not self._handling.drain(
+                self._drain_timeout, every=self._block, meanwhile=self._while_draining
+            ):
                 log.warning(
                     "keyedpool: %d entries still in flight at stop; they stay pending "
                     "and will be handled again",
                     self._handling.in_flight,
                 )
             self._flush_acks()
-            if self._leases is not None:
+            if leases is not None:
                 # Hand the drained shards to the others at once (the rest expire).
-                self._leases.leave(self._busy)
+                leases.leave(self._busy)
         finally:
             self._handling.close()
             if self._own_pool:
