@@ -417,7 +417,8 @@ class NatsConsumer(_ConsumerBase):
             (without pinned shards; the same in every process). A process
             that dies loses its shards after at most this long (plus up to a
             second: JetStream's expiry is that coarse); one cut off from NATS
-            this long stops fetching. Keep it well above a handler's running time.
+            this long stops fetching. Keep it well above a handler's running time;
+            at least ``3 * poll_timeout``.
         on_rebalance: called with the set of shard numbers this process
             reads, whenever it changes (on the consumer's thread).
         subject: the base subject; shard ``i`` is ``f"{subject}.{i}"``. Default: *stream*.
@@ -479,6 +480,12 @@ class NatsConsumer(_ConsumerBase):
         check_handler(handler)
         pinned = check_sharding(shards, process_index, process_count)
         check_seconds("lease_ttl", lease_ttl)
+        check_seconds("poll_timeout", poll_timeout)
+        if not pinned and lease_ttl < 3 * poll_timeout:
+            # A fetch must end inside the lease, with a heartbeat (every ttl/3) in between.
+            raise ValueError(
+                f"lease_ttl ({lease_ttl}) must be at least 3 * poll_timeout ({poll_timeout})"
+            )
         if on_rebalance is not None and not callable(on_rebalance):
             raise TypeError("on_rebalance must be callable or None")
         if not (isinstance(key, str) or callable(key)):

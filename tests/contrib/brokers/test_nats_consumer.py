@@ -372,6 +372,8 @@ def test_bad_arguments_fail_at_the_call() -> None:
         NatsConsumer(url, "S", print, shards=4, process_count=2)
     with pytest.raises(ValueError, match="lease_ttl"):
         NatsConsumer(url, "S", print, lease_ttl=float("inf"))
+    with pytest.raises(ValueError, match="at least 3 \\* poll_timeout"):
+        NatsConsumer(url, "S", print, lease_ttl=1.0, poll_timeout=0.5)
 
 
 def test_processes_with_different_lease_ttls_are_refused_at_start(
