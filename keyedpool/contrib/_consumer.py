@@ -715,15 +715,27 @@ def check_pool(pool: object) -> None:
         raise TypeError(f"pool must be a KeyedPoolExecutor, not {type(pool).__name__}")
 
 
-def check_sharding(shards: object, process_index: object, process_count: object) -> bool:
+def check_sharding(
+    shards: object,
+    process_index: object,
+    process_count: object,
+    *,
+    lease_ttl: object,
+    on_rebalance: object,
+) -> bool:
     """Check the sharding arguments; return True for fixed shards, False for leases.
 
     Both ``process_index`` and ``process_count`` ``None`` means the processes
     share the shards through leases (:mod:`keyedpool.contrib._shards`); both
     given means this process always reads the shards ``s % process_count ==
-    process_index``. Raises TypeError/ValueError for anything else.
+    process_index``. Raises TypeError/ValueError for anything else, and for a
+    *lease_ttl* that is not a number of seconds or an *on_rebalance* that is
+    neither callable nor ``None``.
     """
     check_positive("shards", shards)
+    check_seconds("lease_ttl", lease_ttl)
+    if on_rebalance is not None and not callable(on_rebalance):
+        raise TypeError("on_rebalance must be callable or None")
     if process_index is None and process_count is None:
         return False
     if process_index is None or process_count is None:

@@ -478,22 +478,21 @@ class NatsConsumer(_ConsumerBase):
         if not isinstance(stream, str) or not stream or "." in stream:
             raise ValueError("stream must be a non-empty str without dots (a JetStream name)")
         check_handler(handler)
-        pinned = check_sharding(shards, process_index, process_count)
-        check_seconds("lease_ttl", lease_ttl)
-        check_seconds("poll_timeout", poll_timeout)
-        if not pinned and lease_ttl < 3 * poll_timeout:
-            # A fetch must end inside the lease, with a heartbeat (every ttl/3) in between.
-            raise ValueError(
-                f"lease_ttl ({lease_ttl}) must be at least 3 * poll_timeout ({poll_timeout})"
-            )
-        if on_rebalance is not None and not callable(on_rebalance):
-            raise TypeError("on_rebalance must be callable or None")
+        pinned = check_sharding(
+            shards, process_index, process_count,
+            lease_ttl=lease_ttl, on_rebalance=on_rebalance,
+        )
         if not (isinstance(key, str) or callable(key)):
             raise TypeError("key must be a header name (str) or a function of the message")
         if on_dead_letter is not None and not callable(on_dead_letter):
             raise TypeError("on_dead_letter must be callable or None")
         check_positive("batch", batch)
         check_seconds("poll_timeout", poll_timeout)
+        if not pinned and lease_ttl < 3 * poll_timeout:
+            # A fetch must end inside the lease, with a heartbeat (every ttl/3) in between.
+            raise ValueError(
+                f"lease_ttl ({lease_ttl}) must be at least 3 * poll_timeout ({poll_timeout})"
+            )
         check_seconds("ack_wait", ack_wait)
         check_pool(pool)
         self._servers = servers

@@ -306,10 +306,10 @@ class RedisConsumer(_ConsumerBase):
         if not isinstance(group, str) or not group:
             raise TypeError("group must be a non-empty str")
         check_handler(handler)
-        pinned = check_sharding(shards, process_index, process_count)
-        check_seconds("lease_ttl", lease_ttl)
-        if on_rebalance is not None and not callable(on_rebalance):
-            raise TypeError("on_rebalance must be callable or None")
+        pinned = check_sharding(
+            shards, process_index, process_count,
+            lease_ttl=lease_ttl, on_rebalance=on_rebalance,
+        )
         if not (isinstance(key, str) or callable(key)):
             raise TypeError(
                 "key must be a field name (str) or a function of the message"
