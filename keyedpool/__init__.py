@@ -8,9 +8,9 @@
 CHARGE SHIP
 """
 
-from ._errors import BrokenKeyedPool, PoolFull
+from ._errors import BrokenKeyedPool, DeadlockError, PoolFull
 from ._executor import KeyedPoolExecutor, default_max_workers
-from ._routing import Key
+from ._routing import Key, key_bytes
 from ._stats import KeyBacklog, PoolStats, WorkerStats
 from ._threadpool import ThreadPoolExecutor
 from ._views import KeyExecutor
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BrokenKeyedPool",
+    "DeadlockError",
     "Key",
     "KeyBacklog",
     "KeyExecutor",
@@ -29,4 +30,5 @@ __all__ = [
     "WorkerStats",
     "__version__",
     "default_max_workers",
+    "key_bytes",
 ]

@@ -2,63 +2,54 @@
 
 A keyed task goes on the queue of the worker its key routes to (see
 ``_routing``); an unkeyed task goes on the unkeyed queue, and a sleeping worker
-is woken to take it. Nothing here ever blocks on a worker: worker queues have no
-size limit (capacity is enforced once, in ``submit``), so one stuck key cannot
-hold up tasks that do not share its worker. This is where the design note's
+is woken to take it (submit starts a new worker when none is free, as
+ThreadPoolExecutor does).
+Nothing here ever blocks on a worker: worker queues have no size limit
+(capacity is enforced once, in ``submit``), so one stuck key cannot hold up
+tasks that do not share its worker. This is where the design note's
 dispatcher, which blocks on a full worker channel, stops every key.
+
+The dispatcher thread is the only one that routes, so routing state (such as
+which worker stands in for one whose thread could not start) needs no lock.
 """
 
 from __future__ import annotations
 
-from queue import Empty
 from typing import TYPE_CHECKING
 
 from ._routing import worker_index
 from ._task import Task
-from ._worker import STOP, WAKE, Worker
+from ._worker import STOP
 
 if TYPE_CHECKING:
     from ._pool import Pool
 
-__all__ = ["dispatch", "place", "place_now"]
-
-# Upper bound on the tasks routed per wake-up, so that workers get their first
-# batch quickly even while a producer floods the inbox.
-MAX_BATCH = 4096
+__all__ = ["dispatch", "place"]
 
 
 def dispatch(pool: Pool) -> None:
-    """The dispatcher thread's loop."""
-    get = pool.inbox.get
-    get_nowait = pool.inbox.get_nowait
+    """The dispatcher thread's loop: route every accepted task, then stop the workers."""
     while True:
-        batch = [get()]
-        # Take everything already waiting: one wake-up routes many tasks, and
-        # each worker then gets one put (one wake-up at most) per batch.
-        try:
-            while len(batch) < MAX_BATCH:
-                batch.append(get_nowait())
-        except Empty:
-            pass
-        stop = batch[-1] is STOP  # STOP is always the last item ever put
-        if stop:
-            batch.pop()
-        place(pool, batch)  # type: ignore[arg-type]
-        pool.placed(len(batch))
-        if stop:
-            for worker in pool.workers:
-                worker.queue.put(STOP)
+        tasks, last = pool.take_inbox()
+        if tasks:
+            try:
+                place(pool, tasks)
+            except BaseException:  # pragma: no cover - a bug: keep the pool alive
+                pool.logger.critical("keyedpool: error in the dispatcher", exc_info=True)
+        # Drop our references before we wait: the futures (and their results)
+        # must be freed when their callers let go of them, not at the next batch.
+        tasks = []
+        if last:
+            for worker in pool.started_workers():
+                worker.queue.put(STOP)  # after everything routed to it
             return
 
 
 def place(pool: Pool, tasks: list[Task]) -> None:
-    """Put *tasks*, in order, on their workers' queues or on the unkeyed queue.
-
-    Only one thread places at a time: the dispatcher, or ``submit`` itself while
-    nothing is in transit (see ``Pool.admit``).
-    """
+    """Put *tasks*, in order, on their workers' queues or on the unkeyed queue."""
     workers = pool.workers
     count = len(workers)
+    stand_in = pool.stand_in
     own: dict[int, list[Task]] = {}
     loose: list[Task] = []
     for task in tasks:
@@ -67,70 +58,40 @@ def place(pool: Pool, tasks: list[Task]) -> None:
             loose.append(task)
             continue
         index = worker_index(key, count)
+        if stand_in:
+            index = stand_in.get(index, index)
         group = own.get(index)
         if group is None:
             own[index] = [task]
         else:
             group.append(task)
+    for index in [i for i in own if workers[i].thread is None]:
+        taker = pool.start_for_keyed(workers[index])
+        if taker is None:
+            _fail(pool, own.pop(index))
+        elif taker is not workers[index]:
+            # Its thread cannot start: a running worker takes its keys for the
+            # life of the pool. None of them ran anywhere yet, so they keep
+            # their order there.
+            stand_in[index] = taker.index
+            own.setdefault(taker.index, []).extend(own.pop(index))
     for index, group in own.items():
-        _give(pool, workers[index], group)
+        for task in group:
+            task.worker = index
+        pool.give(workers[index], group)
     if loose:
-        pool.unkeyed.extend(loose)
-        _wake(pool, len(loose))
+        wanted = pool.add_unkeyed(loose)
+        if wanted:
+            pool.start_for_unkeyed(wanted)
+    pool.routed()
 
 
-def place_now(pool: Pool, task: Task) -> bool:
-    """Place one task straight from ``submit``, if that beats the dispatcher.
-
-    Only called while nothing is in transit, so it cannot overtake an earlier
-    task. It saves a thread hop (lower latency) when a worker is free to take
-    the task; when the workers are busy it declines, and the task goes through
-    the dispatcher, which batches: a producer outrunning its workers then costs
-    one queue put per batch, not per task.
-    """
-    key = task.key
-    if key is None:
-        if not (pool.idle or pool.unstarted):
-            return False
-        pool.unkeyed.append(task)
-        _wake(pool, 1)
-        return True
-    worker = pool.workers[worker_index(key, len(pool.workers))]
-    if not worker.waiting and worker.thread is not None:
-        return False
-    _give(pool, worker, [task])
-    return True
-
-
-def _give(pool: Pool, worker: Worker, group: list[Task]) -> None:
-    worker.routed += len(group)
-    worker.batches.append(group)
-    if worker.thread is None:
-        pool.start_worker(worker)
-    elif worker.waiting:
-        # It has work now: it is no longer a free worker for unkeyed tasks.
-        with pool.idle_lock:
-            if worker.waiting:
-                worker.waiting = False
-                pool.idle.remove(worker)
-    worker.queue.put(group)
-
-
-def _wake(pool: Pool, wanted: int) -> None:
-    # Wake up to *wanted* idle workers, longest idle first (so unkeyed work
-    # spreads over the free workers), then start new ones if more are wanted,
-    # as ThreadPoolExecutor does. The unkeyed tasks were appended before this
-    # looks at the idle workers; a worker looks at the unkeyed queue before it
-    # joins them, under the same lock. So either it sees the task or we see it.
-    if pool.idle:
-        with pool.idle_lock:
-            idle = pool.idle
-            while wanted and idle:
-                worker = idle.popleft()
-                worker.waiting = False
-                worker.queue.put(WAKE)
-                wanted -= 1
-    while wanted and pool.unstarted:
-        # A new worker looks at the unkeyed queue as soon as it starts.
-        pool.start_worker(pool.unstarted[-1])
-        wanted -= 1
+def _fail(pool: Pool, tasks: list[Task]) -> None:
+    if tasks:
+        pool.fail_unrunnable(
+            tasks,
+            RuntimeError(
+                "keyedpool: the task did not run: no worker thread could be started "
+                "(the system refused a new thread; see the 'keyedpool' log)"
+            ),
+        )

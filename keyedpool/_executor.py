@@ -98,7 +98,6 @@ class KeyedPoolExecutor:
         self._full_timeout = full_timeout
         self._copy_context = bool(copy_context)
         self._log_unretrieved = bool(log_unretrieved)
-        self._serial = itertools.count()
         self._pool = Pool(
             max_workers,
             max_pending,
@@ -176,7 +175,7 @@ class KeyedPoolExecutor:
             )
         pool = self._pool
         task = Task(
-            pool.condition_for(next(self._serial)),
+            pool,
             key,
             fn,
             args,
@@ -282,10 +281,13 @@ class KeyedPoolExecutor:
 
     def __repr__(self) -> str:
         pool = self._pool
-        state = "shut down" if pool.closed else "running" if pool.started else "idle"
+        done = pool.done()
+        with pool.lock:
+            state = "shut down" if pool.closed else "running" if pool.dispatcher else "idle"
+            pending = pool.accepted + len(pool.inbox) - done
         return (
             f"<KeyedPoolExecutor {state} max_workers={pool.max_workers} "
-            f"pending={pool.pending}/{pool.max_pending}>"
+            f"pending={pending}/{pool.max_pending}>"
         )
 
 

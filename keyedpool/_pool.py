@@ -3,31 +3,65 @@
 The executor (``KeyedPoolExecutor``) owns one ``Pool``; the threads hold only
 the ``Pool``, never the executor, so an executor that is dropped without
 ``shutdown()`` can still be collected, and its threads then stop.
+
+Who owns what (every piece of shared state has one owner):
+
+* ``lock``: the inbox, the pool's counters (accepted, rejected), ``closed``,
+  ``halt``, and the threads: the dispatcher, which
+  workers have started, and the list that ``join()`` waits for. Submit, the
+  dispatcher and the workers each hold it for a few lines at a time, never
+  while running a task. Threads start under it (a submit starts one for
+  unkeyed work when no worker is free, as ThreadPoolExecutor does; the
+  dispatcher starts the worker a key routes to).
+* ``unkeyed_lock``: the unkeyed queue and the idle workers. A worker decides
+  "help with unkeyed work, or sleep" under it, and the dispatcher hands out
+  unkeyed work and wakes sleepers under it, so no wake-up is ever lost.
+* Each worker's ``lock``: that worker's counters (routed, finished, completed,
+  failed, cancelled). Pending = submitted - done, with done summed over the
+  workers; submit adds them up only when a cheap lower bound says "maybe full".
+* The dispatcher thread: routing (which worker stands in for one whose
+  thread could not start).
+* Each worker's thread: its running batch and task.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
-from queue import SimpleQueue
+from contextvars import Context
 from time import monotonic
 from typing import Any
 
 from . import _process
-from ._dispatcher import dispatch, place_now
+from ._dispatcher import dispatch
 from ._errors import BrokenKeyedPool, PoolFull
+from ._local import current_worker
 from ._task import Task
-from ._worker import STOP, Worker, work
+from ._worker import WAKE, Worker, work
 
 __all__ = ["Pool", "CANCELLING"]
 
 #: ``Pool.halt`` while ``shutdown(cancel_futures=True)`` is cancelling.
 CANCELLING = "cancelling"
 
-# Tasks share this many conditions (see _task); a power of two.
-_STRIPES = 64
+# Threads start with an empty contextvars context on every Python. (Free-threaded
+# 3.14 would otherwise copy the context of whoever starts the thread, and the
+# submit that happened to start a worker would leak its context into every task
+# that later runs there without a context of its own.)
+_THREADS_TAKE_CONTEXT = sys.version_info >= (3, 14)
+
+
+def _new_thread(
+    name: str, target: Callable[..., object], args: tuple[Any, ...]
+) -> threading.Thread:
+    if _THREADS_TAKE_CONTEXT:
+        return threading.Thread(  # type: ignore[call-arg,unused-ignore]
+            name=name, target=target, args=args, context=Context()
+        )
+    return threading.Thread(name=name, target=target, args=args)
 
 
 class Pool:
@@ -46,67 +80,101 @@ class Pool:
         self.thread_name_prefix = thread_name_prefix
         self.initializer = initializer
         self.initargs = initargs
-        #: True once shutdown() was called: submit refuses new tasks.
-        self.closed = False
-        #: Where a failing initializer is logged.
+        #: Where a failing initializer, or a thread that cannot start, is logged.
         self.logger = logging.getLogger("keyedpool")
+        # Owner: lock. True once shutdown() was called: submit refuses new tasks.
+        # (Kept across a fork: a pool shut down in the parent stays shut down.)
+        self.closed = False
         self._fresh()
+        # Registered before any thread exists, so a fork at any moment (even
+        # while the first submit starts the dispatcher) gives the child a fresh pool.
+        _process.register(self)
 
     def _fresh(self) -> None:
         # Everything a forked child must make anew: locks and queues may have
         # been copied mid-use, and the threads do not exist in the child.
         self.lock = threading.Lock()
-        self.space = threading.Condition(self.lock)
-        self.inbox: SimpleQueue[Task | None] = SimpleQueue()
-        self.unkeyed: deque[Task] = deque()
+        #: One per worker; the list never changes (each Worker says who owns what).
         self.workers = [Worker(i, self) for i in range(self.max_workers)]
+        #: Submitters wait on it for room; workers notify it as tasks finish.
+        self.space = threading.Condition(self.lock)
+        #: The dispatcher waits on it for tasks; submit and stop notify it.
+        self.inbox_ready = threading.Condition(self.lock)
+        # -- owner: lock ---------------------------------------------------------
+        #: Accepted tasks the dispatcher has not taken yet, in submit order.
+        #: Appending to it is how submit accepts a task (one step, so that an
+        #: exception such as KeyboardInterrupt leaves the task either accepted
+        #: and counted, or not accepted at all).
+        self.inbox: list[Task] = []
+        #: Tasks the dispatcher took and has not routed yet.
+        self.routing = 0
+        #: Tasks the dispatcher took. Submitted = accepted + len(inbox).
+        self.accepted = 0
+        #: Tasks done (over all workers) when we last added them up: a lower
+        #: bound, so that submit rarely needs to add them up.
+        self.done_seen = 0
+        #: Submits refused with PoolFull.
+        self.rejected = 0
+        #: Submitters waiting for room (see Worker.room_wanted).
+        self.space_wanted = 0
+        #: True while the dispatcher waits on ``inbox_ready``.
+        self.dispatcher_waiting = False
+        #: None while running; CANCELLING, or a BrokenKeyedPool, when tasks must
+        #: not start. Only ever goes from None to a value.
+        self.halt: None | str | BaseException = None
+        #: The dispatcher thread, once the first submit started it.
+        self.dispatcher: threading.Thread | None = None
+        #: Every worker thread started, for join().
+        self.threads: list[threading.Thread] = []
         #: Workers whose thread has not started yet (threads start on demand,
         #: as in ThreadPoolExecutor); the last one starts first.
         self.unstarted = self.workers[::-1]
-        #: Workers asleep on their empty queue, longest asleep first. A worker
-        #: is in it exactly when its ``waiting`` flag is set; both change only
-        #: under ``idle_lock``.
-        self.idle: deque[Worker] = deque()
-        self.idle_lock = threading.Lock()
-        self.conditions = [threading.Condition() for _ in range(_STRIPES)]
-        self.dispatcher: threading.Thread | None = None
-        self.started = False
-        self.stopped = False
-        #: Accepted in all; refused with PoolFull. Pending = accepted - done,
-        #: where each worker counts its own done tasks (no shared counter to
-        #: lock per task). ``done_seen`` is the last sum we read: a lower bound.
-        self.accepted = 0
-        self.done_seen = 0
-        self.rejected = 0
-        #: Accepted, but not yet placed on a worker or the unkeyed queue.
-        self.in_transit = 0
-        #: Submitters waiting for room: workers wake them as tasks finish.
-        self.space_wanted = 0
-        #: None while running; CANCELLING, or a BrokenKeyedPool, when tasks must not start.
-        self.halt: None | str | BaseException = None
+        #: Workers whose thread has started, in the order they started.
+        self.started: list[Worker] = []
+        #: Unkeyed tasks in the inbox (so a submit knows whether the idle
+        #: workers are already spoken for).
+        self.unkeyed_in_inbox = 0
+        # -- owner: unkeyed_lock -------------------------------------------------
+        self.unkeyed_lock = threading.Lock()
+        self.unkeyed: deque[Task] = deque()
+        #: Workers asleep on their empty queue, longest asleep first (a dict
+        #: used as an ordered set). A worker is in it exactly when its ``idle``
+        #: flag is set.
+        self.idle: dict[Worker, None] = {}
+        # -- owner: the dispatcher thread ----------------------------------------
+        #: Workers whose thread could not start, and the running worker that
+        #: takes their tasks instead (for the life of the pool).
+        self.stand_in: dict[int, int] = {}
 
     # -- submit side -----------------------------------------------------------
-
-    def condition_for(self, serial: int) -> threading.Condition:
-        return self.conditions[serial & (_STRIPES - 1)]
 
     def admit(self, task: Task, block: bool, timeout: float | None) -> None:
         """Accept *task* or raise; on success it is on its way to a worker."""
         with self.lock:
             self._check_open()
-            if self.accepted - self.done_seen >= self.max_pending and self._full():
+            if (
+                self.accepted + len(self.inbox) - self.done_seen >= self.max_pending
+                and self._full()
+            ):
                 self._wait_for_space(block, timeout)
-            self.accepted += 1
-            if not self.started:
-                self._start()
-            # While earlier tasks are in transit, go behind them, so that each
-            # key keeps its submit order; with nothing in transit, submit may
-            # place the task itself (see place_now).
-            if self.in_transit or not place_now(self, task):
-                self.in_transit += 1
-                self.inbox.put(task)
+            if self.dispatcher is None:
+                self._start_dispatcher()
+            if task.key is None and self.unstarted:
+                self._maybe_start_for_unkeyed()
+            if self.dispatcher_waiting:
+                # Notify first, then clear the flag: if anything interrupts us
+                # in between, the flag stays set and the next submit notifies.
+                self.inbox_ready.notify()
+                self.dispatcher_waiting = False
+            if task.key is None:
+                # Counted before it is accepted: if we are interrupted in
+                # between, the count is one high until the dispatcher takes the
+                # inbox, which can only start a worker a little early.
+                self.unkeyed_in_inbox += 1
+            self.inbox.append(task)  # accepted
 
     def _check_open(self) -> None:
+        # With self.lock held.
         if isinstance(self.halt, BrokenKeyedPool):
             # A fresh instance per call: one shared instance would collect
             # the tracebacks of every caller.
@@ -116,30 +184,31 @@ class Pool:
         if self.closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    @property
-    def done(self) -> int:
-        """Tasks finished, failed or cancelled, over all workers."""
-        return sum(worker.done for worker in self.workers)
-
-    @property
-    def pending(self) -> int:
-        """Tasks accepted and not done: what ``max_pending`` bounds."""
-        return self.accepted - self.done
-
-    def _full(self) -> bool:
-        # The cheap bound said full; read the workers' counts to be sure.
-        self.done_seen = self.done
-        return self.accepted - self.done_seen >= self.max_pending
-
     def _wait_for_space(self, block: bool, timeout: float | None) -> None:
-        # Called with self.lock held and the pool full.
+        # With self.lock held and the pool full.
         if not block:
             self.rejected += 1
             raise PoolFull(self._full_message(""))
+        me = current_worker()
+        if me is not None and me.pool is self:
+            # Only this pool's workers make room, and one of them would be
+            # waiting for it: if all of them did, the pool would stop for good.
+            self.rejected += 1
+            raise PoolFull(
+                self._full_message("")
+                + ". This submit comes from a task running on the same pool, and "
+                "waiting for room there could stop the pool for good (only its "
+                "workers make room, and this one would be waiting); so keyedpool "
+                "raises instead of waiting. Submit follow-up work to another pool, "
+                "or raise max_pending"
+            )
         deadline = None if timeout is None else monotonic() + timeout
-        # Say we wait before reading the counts again: a worker counts a task
-        # before it looks at space_wanted, so one of us sees the other.
+        # Say we wait, in every worker, before reading the counts again: a task
+        # that ends after our read then sees that someone waits, and wakes us.
         self.space_wanted += 1
+        for worker in self.workers:
+            with worker.lock:
+                worker.room_wanted += 1
         try:
             while self._full():
                 if deadline is None:
@@ -153,26 +222,191 @@ class Pool:
                 self._check_open()
         finally:
             self.space_wanted -= 1
+            for worker in self.workers:
+                with worker.lock:
+                    worker.room_wanted -= 1
+
+    def done(self) -> int:
+        """Tasks finished, failed or cancelled, over all workers (each read under its lock)."""
+        total = 0
+        for worker in self.workers:
+            with worker.lock:
+                total += worker.completed + worker.failed + worker.cancelled
+        return total
+
+    def _full(self) -> bool:
+        # With self.lock held; the cheap bound said full: add up the counts to be sure.
+        self.done_seen = self.done()
+        return self.accepted + len(self.inbox) - self.done_seen >= self.max_pending
+
+    def room_freed(self) -> None:
+        """A task ended while a submit waits for room: wake one up."""
+        with self.lock:
+            self.space.notify()
 
     def _full_message(self, waited: str) -> str:
         return (
-            f"keyedpool: the pool is full{waited}: {self.pending} tasks are pending "
-            f"and max_pending is {self.max_pending}. Let submit wait for room "
+            f"keyedpool: the pool is full{waited}: "
+            f"{self.accepted + len(self.inbox) - self.done_seen} tasks "
+            f"are pending and max_pending is {self.max_pending}. Let submit wait for room "
             "(on_full='block'), raise max_pending, or add workers if the handlers "
             "are the bottleneck"
         )
 
-    # -- dispatcher and worker side ---------------------------------------------
+    def _maybe_start_for_unkeyed(self) -> None:
+        # With self.lock held. As ThreadPoolExecutor does, start a worker unless
+        # one is free for this task: free means idle and not already wanted by
+        # an earlier unkeyed task. (A new worker is idle until the dispatcher
+        # hands it the task.)
+        with self.unkeyed_lock:
+            free = len(self.idle) - len(self.unkeyed)
+        if free > self.unkeyed_in_inbox:
+            return
+        if not self.start_worker(self.unstarted[-1]) and not self.started:
+            raise RuntimeError(
+                "keyedpool: can't start a worker thread (the system refused a new "
+                "thread, see the 'keyedpool' log), and no worker is running to take "
+                "this task; it was not accepted"
+            )
 
-    def placed(self, count: int) -> None:
-        """The dispatcher placed *count* tasks from the inbox."""
-        with self.lock:
-            self.in_transit -= count
+    def _start_dispatcher(self) -> None:
+        # With self.lock held, on the first submit. If starting fails, nothing
+        # is accepted and the next submit tries again. The thread checks, under
+        # the lock, that it is still the pool's dispatcher: if start() was
+        # interrupted after the thread began (KeyboardInterrupt), it is not, and
+        # it exits without touching anything.
+        thread = _new_thread(f"{self.thread_name_prefix}_dispatcher", _dispatch, (self,))
+        self.dispatcher = thread
+        try:
+            thread.start()
+        except BaseException:
+            self.dispatcher = None
+            raise
 
-    def room_freed(self) -> None:
-        """A worker finished a task while a submit waits for room: wake one up."""
+    # -- dispatcher side ----------------------------------------------------------
+
+    def take_inbox(self) -> tuple[list[Task], bool]:
+        """Wait for accepted tasks and take them all; also say whether they are the last."""
         with self.lock:
-            self.space.notify()
+            while not self.inbox and not self.closed:
+                self.dispatcher_waiting = True
+                self.inbox_ready.wait()
+            self.dispatcher_waiting = False
+            tasks, self.inbox = self.inbox, []
+            self.accepted += len(tasks)
+            self.routing = len(tasks)
+            self.unkeyed_in_inbox = 0
+            # Submit refuses new tasks once closed: nothing can come after these.
+            return tasks, self.closed
+
+    def routed(self) -> None:
+        """Every task the dispatcher took is now on a queue."""
+        with self.lock:
+            self.routing = 0
+
+    def give(self, worker: Worker, group: list[Task]) -> None:
+        """Put *group* on *worker*'s queue; a worker with work is not idle."""
+        with worker.lock:
+            # Counted before the worker can see them, so backlog >= 0.
+            worker.routed += len(group)
+        worker.batches.append(group)
+        # Under unkeyed_lock, so that a worker deciding whether to sleep sees
+        # either this batch on its queue or its idle flag cleared.
+        with self.unkeyed_lock:
+            if worker.idle:
+                worker.idle = False
+                del self.idle[worker]
+            worker.queue.put(group)
+
+    def add_unkeyed(self, tasks: list[Task]) -> int:
+        """Queue unkeyed tasks and wake idle workers for them; return how many more are wanted."""
+        wanted = len(tasks)
+        with self.unkeyed_lock:
+            self.unkeyed.extend(tasks)
+            idle = self.idle
+            while wanted and idle:
+                worker = next(iter(idle))  # the longest asleep: work spreads over the workers
+                del idle[worker]
+                worker.idle = False
+                worker.queue.put(WAKE)
+                wanted -= 1
+        return wanted
+
+    def start_worker(self, worker: Worker) -> bool:
+        """Start *worker*'s thread; ``False`` if the system refused. With ``lock`` held.
+
+        The thread checks, under the lock, that it is still *worker*'s thread
+        before it does anything: if ``start()`` was interrupted after the thread
+        began (KeyboardInterrupt), the worker stays unstarted and that thread exits.
+        """
+        thread = _new_thread(f"{self.thread_name_prefix}_{worker.index}", work, (worker, self))
+        worker.thread = thread
+        try:
+            thread.start()
+        except RuntimeError:
+            worker.thread = None
+            # "can't start new thread": a pid or memory limit. The pool carries
+            # on with the workers it has (see _dispatcher._start_or_stand_in).
+            self.logger.error(
+                "keyedpool: could not start worker thread %s", thread.name, exc_info=True
+            )
+            return False
+        except BaseException:
+            worker.thread = None
+            raise
+        self.unstarted.remove(worker)
+        self.started.append(worker)
+        self.threads.append(thread)
+        return True
+
+    def start_for_keyed(self, worker: Worker) -> Worker | None:
+        """Start *worker* (by the dispatcher), or name a running worker to stand in.
+
+        ``None`` when no worker thread runs at all: the tasks cannot run.
+        """
+        with self.lock:
+            if worker.thread is not None or self.start_worker(worker):
+                return worker
+            if not self.started:
+                return None
+            self.unstarted.remove(worker)  # it never starts: its keys go elsewhere
+            return self.started[worker.index % len(self.started)]
+
+    def start_for_unkeyed(self, wanted: int) -> None:
+        """Start up to *wanted* workers for unkeyed tasks that no idle worker took (dispatcher).
+
+        A worker that a submit started for an unkeyed task may have been given
+        keyed work since; then the unkeyed task needs another one.
+        """
+        with self.lock:
+            while wanted and self.unstarted and self.start_worker(self.unstarted[-1]):
+                wanted -= 1
+
+    def started_workers(self) -> list[Worker]:
+        with self.lock:
+            return list(self.started)
+
+    def fail_unrunnable(self, tasks: list[Task], reason: BaseException) -> None:
+        """Fail tasks that no thread can run (no worker thread could start)."""
+        for task in tasks:
+            self.workers[0].count(task.abandon(reason), False)
+
+    # -- worker side ----------------------------------------------------------------
+
+    def take_unkeyed(self, worker: Worker | None) -> Task | None:
+        """An unkeyed task to run, or ``None``: then *worker* is idle (unless work came)."""
+        try:
+            # A deque's popleft is atomic by itself; the lock is for deciding to sleep.
+            return self.unkeyed.popleft()
+        except IndexError:
+            pass
+        with self.unkeyed_lock:
+            if self.unkeyed:
+                return self.unkeyed.popleft()
+            if worker is not None and worker.queue.empty():
+                worker.idle = True
+                self.idle[worker] = None
+            return None
 
     def set_broken(self, reason: str) -> None:
         with self.lock:
@@ -182,69 +416,61 @@ class Pool:
 
     # -- lifecycle ----------------------------------------------------------------
 
-    def _start(self) -> None:
-        # With self.lock held, on the first submit. Workers start on demand.
-        self.started = True
-        self.dispatcher = threading.Thread(
-            name=f"{self.thread_name_prefix}_dispatcher", target=dispatch, args=(self,)
-        )
-        self.dispatcher.start()
-        _process.register(self)
-
-    def start_worker(self, worker: Worker) -> None:
-        """Start *worker*'s thread (by whoever places a task for it first)."""
-        self.unstarted.remove(worker)
-        worker.thread = threading.Thread(
-            name=f"{self.thread_name_prefix}_{worker.index}", target=work, args=(worker, self)
-        )
-        worker.thread.start()
-
-    def ready_to_sleep(self, worker: Worker) -> bool:
-        """Join the idle workers, unless an unkeyed task is waiting (then help with it)."""
-        with self.idle_lock:
-            if self.unkeyed:
-                return False
-            worker.waiting = True
-            self.idle.append(worker)
-            return True
-
     def stop(self, cancel_futures: bool) -> None:
         """Refuse new tasks; let the threads finish what was accepted, then exit."""
         with self.lock:
             self.closed = True
-            if cancel_futures and self.halt is None:
-                self.halt = CANCELLING
-            if self.started and not self.stopped:
-                self.stopped = True
-                self.inbox.put(STOP)  # behind every accepted task
+            # The dispatcher routes what is left, then stops the workers.
+            self.inbox_ready.notify()
             self.space.notify_all()
+            dispatcher = self.dispatcher
         if cancel_futures:
-            self._cancel_queued()
+            self._cancel_queued(dispatcher)
 
-    def _cancel_queued(self) -> None:
+    def _cancel_queued(self, dispatcher: threading.Thread | None) -> None:
         # Cancel at once, so futures show it when shutdown() returns. First let
-        # the dispatcher place what is in transit (it never blocks, and it
-        # exits right after placing STOP); then every queued task is reachable.
-        # Anything missed still never starts: workers check ``halt``.
-        dispatcher = self.dispatcher
+        # the dispatcher route what is left (it never blocks, and it exits right
+        # after); then every queued task is reachable. Tasks that a worker starts
+        # meanwhile were started before shutdown() returned, as in the
+        # standard library.
         if dispatcher is not None and dispatcher is not threading.current_thread():
             dispatcher.join()
-        reachable: list[Task] = list(self.unkeyed)
+        with self.unkeyed_lock:
+            reachable: list[Task] = list(self.unkeyed)
         for worker in self.workers:
             reachable.extend(worker.batch)
             for batch in list(worker.batches):
                 reachable.extend(batch)
         for task in reachable:
             task.cancel()
+        # A task a worker took off a queue while we looked was missed above:
+        # from now on, workers skip what has not started instead of running it.
+        with self.lock:
+            if self.halt is None:
+                self.halt = CANCELLING
 
     def join(self) -> None:
         """Wait for every thread of the pool to exit (except the caller's own)."""
         me = threading.current_thread()
-        threads = [self.dispatcher] + [w.thread for w in self.workers]
+        with self.lock:
+            dispatcher = self.dispatcher
+        # Only the dispatcher starts workers: once it has exited, the list of
+        # threads is complete.
+        if dispatcher is not None and dispatcher is not me:
+            dispatcher.join()
+        with self.lock:
+            threads = list(self.threads)
         for thread in threads:
-            if thread is not None and thread is not me and thread.ident is not None:
+            if thread is not me:
                 thread.join()
 
     def after_fork_in_child(self) -> None:
         """In a forked child: the parent's tasks are the parent's; start afresh."""
         self._fresh()
+
+
+def _dispatch(pool: Pool) -> None:
+    with pool.lock:
+        mine = pool.dispatcher is threading.current_thread()
+    if mine:
+        dispatch(pool)

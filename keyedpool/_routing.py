@@ -1,8 +1,11 @@
 """Which worker a key belongs to: the routing rule, kept apart from the machinery.
 
-The rule is ``mmh3.hash(key_bytes, seed=0, signed=False) % workers``, where
+The rule is ``mmh3.hash(key_bytes(key), seed=0, signed=False) % workers``, where
 ``key_bytes`` is the UTF-8 encoding of a ``str`` key, a ``bytes`` key as it is,
 and the decimal digits of an ``int`` key (so ``42`` and ``"42"`` share a worker).
+Only bytes ever reach mmh3: a ``str`` holding a lone surrogate (what
+``json.loads('"\\ud800"')`` returns) is encoded with ``surrogatepass`` instead
+of failing, so no key a web request can send breaks routing.
 It never uses Python's ``hash()``, which is randomised per process: a key lands on
 the same worker index in every process and every run with the same worker count.
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import mmh3
 
-__all__ = ["Key", "SEED", "check_key", "worker_index"]
+__all__ = ["Key", "SEED", "check_key", "key_bytes", "worker_index"]
 
 #: A task key: tasks with equal keys run one at a time, in submit order.
 Key = str | bytes | int
@@ -46,9 +49,25 @@ def check_key(key: object) -> None:
     )
 
 
-def worker_index(key: Key, workers: int) -> int:
-    """The index, from ``0`` to ``workers - 1``, of the worker that runs *key*'s tasks."""
+def key_bytes(key: Key) -> bytes:
+    """The bytes that stand for *key* wherever keyedpool hashes it (routing and sharding).
+
+    A ``str`` gives its UTF-8 encoding; lone surrogates, which strict UTF-8
+    refuses, keep their 3-byte form (``surrogatepass``), so every ``str`` has
+    bytes and equal keys have equal bytes. ``bytes`` are used as they are, and an
+    ``int`` gives its decimal digits (``42`` and ``"42"`` are the same bytes).
+    """
+    if type(key) is str:
+        return key.encode("utf-8", "surrogatepass")
+    if isinstance(key, bytes):
+        return bytes(key)
     if isinstance(key, int):
         # '%d' gives the same digits for int subclasses (IntEnum...) on every Python.
-        return _hash(b"%d" % key, SEED, False) % workers
-    return _hash(key, SEED, False) % workers
+        return b"%d" % key
+    # A str subclass.
+    return str.encode(key, "utf-8", "surrogatepass")
+
+
+def worker_index(key: Key, workers: int) -> int:
+    """The index, from ``0`` to ``workers - 1``, of the worker that runs *key*'s tasks."""
+    return _hash(key_bytes(key), SEED, False) % workers

@@ -89,12 +89,32 @@ class PoolStats:
 
 
 def snapshot(pool: Pool, top: int) -> PoolStats:
-    """Read the pool's counters and queued batches; O(pending tasks), no locks held."""
+    """Read the pool's counters (consistent with each other) and queued batches.
+
+    Each counter is read under the lock that owns it, with the pool's lock held
+    throughout, so ``submitted`` is always ``completed + failed + cancelled +
+    pending`` and ``pending`` is between 0 and ``max_pending``. Finding the top keys
+    walks the queued tasks (O(pending)) without holding any lock.
+    """
+    # Under the pool's lock nothing is admitted, so ``submitted`` stands still
+    # while the workers' done counts (each under its own lock) only grow:
+    # pending, the difference, is between 0 and what it was when we started.
+    with pool.lock:
+        counts = []
+        for w in pool.workers:
+            with w.lock:
+                counts.append((w.routed - w.finished, w.completed, w.failed, w.cancelled))
+        waiting = len(pool.inbox)
+        submitted = pool.accepted + waiting
+        in_transit = pool.routing + waiting
+        rejected = pool.rejected
+    pending = submitted - sum(c[1] + c[2] + c[3] for c in counts)
+    with pool.unkeyed_lock:
+        unkeyed_backlog = len(pool.unkeyed)
     workers = []
     keys: Counter[Key] = Counter()
     where: dict[Key, int] = {}
-    for worker in pool.workers:
-        backlog = max(worker.backlog, 0)
+    for worker, (backlog, completed, failed, cancelled) in zip(pool.workers, counts, strict=True):
         if top > 0 and backlog:
             queued = _copy_batches(worker)
             batch = worker.batch
@@ -102,7 +122,8 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
             left = min(max(backlog - sum(map(len, queued)), 0), len(batch))
             for group in [batch[len(batch) - left :], *queued]:
                 for task in group:
-                    if task.key is not None:
+                    # (A worker sets a finished task's slot in its batch to None.)
+                    if task is not None and task.key is not None:
                         keys[task.key] += 1
                         where[task.key] = worker.index
         workers.append(
@@ -110,22 +131,22 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
                 index=worker.index,
                 backlog=backlog,
                 running=worker.current is not None,
-                completed=worker.completed,
-                failed=worker.failed,
-                cancelled=worker.cancelled,
+                completed=completed,
+                failed=failed,
+                cancelled=cancelled,
             )
         )
     return PoolStats(
         max_workers=pool.max_workers,
         max_pending=pool.max_pending,
-        submitted=pool.accepted,
+        submitted=submitted,
         completed=sum(w.completed for w in workers),
         failed=sum(w.failed for w in workers),
         cancelled=sum(w.cancelled for w in workers),
-        rejected=pool.rejected,
-        pending=pool.pending,
-        unkeyed_backlog=len(pool.unkeyed),
-        in_transit=pool.in_transit,
+        rejected=rejected,
+        pending=pending,
+        unkeyed_backlog=unkeyed_backlog,
+        in_transit=in_transit,
         workers=tuple(workers),
         top_keys=tuple(
             KeyBacklog(key=key, backlog=count, worker=where[key])
@@ -135,8 +156,9 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
 
 
 def _copy_batches(worker: Worker) -> list[list[Task]]:
-    # The deque may change while we copy it; copying is atomic in practice
-    # under the GIL, but a retry makes that a non-issue.
+    # The dispatcher appends and the worker pops while we copy. On the default
+    # build the copy can see the deque change and raise; a free-threaded build
+    # copies under the deque's own lock. A retry covers the first case.
     for _ in range(10):
         try:
             return list(worker.batches)

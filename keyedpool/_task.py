@@ -1,52 +1,65 @@
 """A submitted call and its future, in one object.
 
-``Task`` *is* a :class:`concurrent.futures.Future`: ``wait``, ``as_completed``,
-``add_done_callback`` and asyncio's ``wrap_future`` work on it as on any future.
-It also carries the call (function, arguments, context) until a worker runs it.
+``Task`` *is* a :class:`concurrent.futures.Future`, and every method of
+``Future`` runs unchanged on it: ``wait``, ``as_completed``,
+``add_done_callback`` and asyncio's ``wrap_future`` work as on any future. It
+has the attributes ``Future.__init__`` makes, each its own: a condition, a
+``_waiters`` list and a ``_done_callbacks`` list. Nothing is shared with another
+future (``wait()`` locks several futures' conditions at once, in ``id()`` order,
+which is only deadlock-free when no two futures share a lock). It also carries
+the call (function, arguments, context) until a worker runs it, so there is no
+separate work item.
 
-Why not the standard ``Future()`` plus a work item, as ``ThreadPoolExecutor``
-does? Every object made per task costs throughput twice: once to allocate it and
-again each time the garbage collector walks it while the task is pending. The
-stock ``Future.__init__`` makes a ``Condition`` (with its lock, deque and bound
-methods) and two lists. Here the condition comes from a small set shared by the
-pool, the lists are made only when someone needs them, and the work item is the
-future itself.
+Why not call ``Future.__init__``? Its ``threading.Condition()`` and two lists
+cost more than the rest of a task's trip through the pool (to make, and for
+the garbage collector to walk while the task waits). ``_FutureCondition`` does
+the condition's job, a lock plus wait/notify, for a tenth of that, and the two
+lists are made on first use. ``tests/test_futures.py`` checks that ``Task``
+provides exactly the attributes ``Future.__init__`` sets, so a Python that adds
+one fails a test instead of breaking quietly.
+
+What ``Task`` adds to ``Future``:
+
+* ``result()`` and ``exception()`` raise :class:`DeadlockError` instead of
+  waiting for ever when a task waits for a task queued behind itself;
+* with ``log_unretrieved``, the exception of a failed task whose future is
+  dropped unread is logged (fire-and-forget work must not fail silently).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+from _thread import RLock, allocate_lock
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
-from concurrent.futures import TimeoutError as FuturesTimeoutError
-from concurrent.futures._base import (
-    CANCELLED,
-    CANCELLED_AND_NOTIFIED,
-    FINISHED,
-    PENDING,
-    RUNNING,
-)
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import CANCELLED as CANCELLED_STATE
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING
 from contextvars import Context
-from time import monotonic
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._routing import Key
+from ._errors import DeadlockError
+from ._local import current_worker
+from ._routing import Key, worker_index
 
-__all__ = ["Task"]
+if TYPE_CHECKING:
+    from ._pool import Pool
+
+__all__ = ["Task", "COMPLETED", "FAILED", "CANCELLED"]
 
 log = logging.getLogger("keyedpool")
 
-_DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
-_CANCELLED = (CANCELLED, CANCELLED_AND_NOTIFIED)
+_DONE = (CANCELLED_STATE, CANCELLED_AND_NOTIFIED, FINISHED)
+
+#: How a task ended, as the worker counts it.
+COMPLETED, FAILED, CANCELLED = 0, 1, 2
 
 
 class _Unretrieved:
     """Logs a task's exception if the task's future is dropped before anyone looked.
 
-    Fire-and-forget work must not fail silently (asyncio logs "Task exception was
-    never retrieved" for the same reason). It lives only on failed tasks, so it
-    costs nothing on the common path; ``result()`` and ``exception()`` disarm it.
+    asyncio logs "Task exception was never retrieved" for the same reason. It
+    exists only on failed tasks, so it costs nothing on the common path;
+    ``result()``, ``exception()`` (and asyncio's ``wrap_future``) disarm it.
     """
 
     __slots__ = ("exc", "what")
@@ -77,113 +90,195 @@ def _describe(fn: object) -> str:
     return repr(fn)
 
 
+class _FutureCondition(RLock):  # type: ignore[misc]
+    """One future's condition: ``threading.Condition()``'s behaviour, made cheaply.
+
+    It is the lock itself (a C ``RLock``, as in ``Future``), plus ``wait``,
+    ``notify`` and ``notify_all``. ``Future`` holds it once when it waits, which
+    is all ``wait`` supports (``threading.Condition`` also handles a lock held
+    several times by one thread).
+    """
+
+    #: Locks of the threads waiting, each held until notified. Only touched
+    #: with this lock held; made on the first wait.
+    _sleepers: list[Any] | None = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        sleeper = allocate_lock()
+        sleeper.acquire()
+        sleepers = self._sleepers
+        if sleepers is None:
+            sleepers = self._sleepers = []
+        sleepers.append(sleeper)
+        self.release()
+        got = False
+        try:
+            if timeout is None:
+                got = sleeper.acquire()
+            elif timeout > 0:
+                got = sleeper.acquire(True, timeout)
+            else:
+                got = sleeper.acquire(False)
+            return got
+        finally:
+            self.acquire()
+            if not got:
+                try:
+                    sleepers.remove(sleeper)
+                except ValueError:  # notified just as the wait timed out
+                    pass
+
+    def notify(self, n: int = 1) -> None:
+        sleepers = self._sleepers
+        while sleepers and n > 0:
+            sleepers.pop(0).release()
+            n -= 1
+
+    def notify_all(self) -> None:
+        sleepers = self._sleepers
+        if sleepers:
+            for sleeper in sleepers:
+                sleeper.release()
+            sleepers.clear()
+
+
 class Task(Future):  # type: ignore[type-arg]
     """The future returned by ``submit``; it carries the call until a worker runs it."""
 
-    # Made on first use (see the module docstring); reads of the stock names go
-    # through the properties below, so the standard library's code still works.
-    _w: list[Any] | None = None
-    _callbacks: list[Callable[[Future[Any]], object]] | None = None
+    #: The index of the worker it was placed on (``None`` until then, or if
+    #: unkeyed). Written once by the dispatcher before the worker can see the
+    #: task; read by ``_check_wait``, where a stale ``None`` gives the same answer.
+    worker: int | None = None
+    #: How the worker counted it (COMPLETED, FAILED, CANCELLED); set before the
+    #: future is resolved, by the one thread that resolves it.
+    outcome = CANCELLED
+    # Set (before the exception is) by the resolving thread; cleared by
+    # whoever retrieves the exception after seeing the future done.
     _unretrieved: _Unretrieved | None = None
+    # The lists behind _waiters and _done_callbacks; owner: self._condition.
+    _waiter_list: list[Any] | None = None
+    _callback_list: list[Callable[[Future[Any]], object]] | None = None
+
+    # -- Future's lists, made on first use -------------------------------------
+    # Most tasks never have a waiter or a callback, and every object made per
+    # task costs throughput twice: to allocate it, and each time the garbage
+    # collector walks it while the task is pending. Made under the future's
+    # condition (reentrant, as Future's is), so code holding it, like wait(),
+    # and code that does not both get the one list that is kept.
+
+    @property
+    def _waiters(self) -> list[Any]:
+        with self._condition:
+            waiters = self._waiter_list
+            if waiters is None:
+                waiters = self._waiter_list = []
+            return waiters
+
+    @_waiters.setter
+    def _waiters(self, value: list[Any]) -> None:
+        with self._condition:
+            self._waiter_list = value
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[Any]], object]]:
+        with self._condition:
+            callbacks = self._callback_list
+            if callbacks is None:
+                callbacks = self._callback_list = []
+            return callbacks
+
+    @_done_callbacks.setter
+    def _done_callbacks(self, value: list[Callable[[Future[Any]], object]]) -> None:
+        with self._condition:
+            self._callback_list = value
+
+    def set_result(self, result: Any) -> None:
+        """As ``Future.set_result``; skips the lists that were never made."""
+        self._finish(result, None)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        """As ``Future.set_exception``; skips the lists that were never made."""
+        self._finish(None, exception)
+
+    def _finish(self, result: Any, exception: BaseException | None) -> None:
+        # Future.set_result / set_exception, line for line, but reading the
+        # lists only if they exist.
+        with self._condition:
+            if self._state in _DONE:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._exception = exception
+            self._state = FINISHED
+            waiters = self._waiter_list
+            if waiters:
+                if exception is None:
+                    for waiter in waiters:
+                        waiter.add_result(self)
+                else:
+                    for waiter in waiters:
+                        waiter.add_exception(self)
+            self._condition.notify_all()
+        if self._callback_list:
+            self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def __init__(
         self,
-        condition: threading.Condition,
+        pool: Pool,
         key: Key | None,
-        fn: Callable[..., Any] | None,
+        fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         context: Context | None,
         log_unretrieved: bool,
     ) -> None:
-        # Future.__init__ is skipped on purpose: it would allocate a Condition.
-        # The condition is shared with other tasks of the pool, which is why
-        # result() and exception() below wait in a loop.
-        self._condition = condition
+        # What Future.__init__ sets (see the module docstring), each its own;
+        # _waiters and _done_callbacks are made on first use (properties below).
+        self._condition = _FutureCondition()  # type: ignore[assignment]
         self._state = PENDING
-        self._result: Any = None
-        self._exception: BaseException | None = None
+        self._result = None
+        self._exception = None
         self.key = key
-        self._fn = fn
+        self._pool = pool
+        self._fn: Callable[..., Any] | None = fn
         self._args = args
         self._kwargs = kwargs
         self._context = context
         self._log = log_unretrieved
 
-    # -- the stock attributes, made lazily ------------------------------------
-
-    @property
-    def _waiters(self) -> list[Any]:
-        # Only wait()/as_completed() use this, always holding self._condition,
-        # so two threads never both create the list.
-        w = self._w
-        if w is None:
-            w = self._w = []
-        return w
-
-    @_waiters.setter
-    def _waiters(self, value: list[Any]) -> None:
-        self._w = value
-
-    @property
-    def _done_callbacks(self) -> list[Callable[[Future[Any]], object]]:
-        return self._callbacks if self._callbacks is not None else []
-
-    @_done_callbacks.setter
-    def _done_callbacks(self, value: list[Callable[[Future[Any]], object]]) -> None:
-        self._callbacks = value
-
-    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
-        """Call *fn(future)* when the task finishes or is cancelled (at once if it has)."""
-        with self._condition:
-            if self._state not in _DONE:
-                if self._callbacks is None:
-                    self._callbacks = [fn]
-                else:
-                    self._callbacks.append(fn)
-                return
-        try:
-            fn(self)
-        except Exception:
-            log.exception("exception calling callback for %r", self)
-
-    # -- waiting: a loop, because the condition may be shared -----------------
-
-    def _wait_done(self, timeout: float | None) -> None:
-        # Called with self._condition held.
-        if self._state not in _DONE:
-            if timeout is None:
-                while self._state not in _DONE:
-                    self._condition.wait()
-            else:
-                deadline = monotonic() + timeout
-                while self._state not in _DONE:
-                    remaining = deadline - monotonic()
-                    if remaining <= 0:
-                        raise FuturesTimeoutError()
-                    self._condition.wait(remaining)
-        if self._state in _CANCELLED:
-            raise CancelledError()
+    # -- the outcome, with the self-deadlock check ----------------------------
 
     def result(self, timeout: float | None = None) -> Any:
-        """Wait up to *timeout* seconds and return the call's result, or raise its exception."""
+        """Wait up to *timeout* seconds and return the call's result, or raise its exception.
+
+        Inside a task of the same pool, raises :class:`DeadlockError` at once if
+        this task is queued behind the caller on its own worker (it could never start).
+        """
+        self._check_wait()
         try:
-            with self._condition:
-                self._wait_done(timeout)
-                self._retrieved()
-                if self._exception is not None:
-                    raise self._exception
-                return self._result
+            return super().result(timeout)
         finally:
+            if self.done():
+                self._retrieved()
             # Break the cycle exception -> traceback -> this frame -> self.
             self = None  # type: ignore[assignment]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Wait up to *timeout* seconds and return the call's exception, or ``None``."""
-        with self._condition:
-            self._wait_done(timeout)
-            self._retrieved()
-            return self._exception
+        self._check_wait()
+        exc = super().exception(timeout)
+        self._retrieved()
+        return exc
+
+    if hasattr(Future, "_get_snapshot"):
+        # CPython 3.15 added Future._get_snapshot(), which asyncio's wrap_future
+        # uses in place of result()/exception(): it delivers the exception, so
+        # it counts as retrieving it. (tests/test_futures.py checks that asyncio
+        # disarms the log on every Python, so a change here fails a test.)
+        def _get_snapshot(self) -> Any:
+            snapshot = super()._get_snapshot()  # type: ignore[misc]
+            if snapshot[0]:
+                self._retrieved()
+            return snapshot
 
     def _retrieved(self) -> None:
         # Someone looked at the outcome: disarm the unretrieved-exception log.
@@ -192,85 +287,85 @@ class Task(Future):  # type: ignore[type-arg]
             unretrieved.exc = None
             self._unretrieved = None
 
+    def _check_wait(self) -> None:
+        """Raise DeadlockError if the calling worker thread waits for a task queued behind it."""
+        me = current_worker()
+        if me is None or me.pool is not self._pool:
+            return
+        running = me.current
+        if running is None or running is self or self.running() or self.done():
+            return
+        # Pending: it starts only when some worker takes it. Does that have to be us?
+        pool = self._pool
+        if self.key is None:
+            if pool.max_workers > 1:
+                return  # any other worker can run it
+            where = "no other worker can run it (max_workers is 1)"
+        else:
+            placed = self.worker
+            if placed is None:
+                placed = worker_index(self.key, pool.max_workers)
+            if placed != me.index:
+                return
+            same = self.key == running.key
+            where = f"it is queued behind the calling task on worker {me.index} " + (
+                "(same key)" if same else f"(key {self.key!r} shares that worker)"
+            )
+        raise DeadlockError(
+            f"keyedpool: a task (key={running.key!r}) waits for another task "
+            f"(key={self.key!r}) that cannot start until the waiting task returns: "
+            f"{where}. Don't wait inside a task for a later task that runs on its "
+            "worker; chain the follow-up with add_done_callback, or wait from outside "
+            "the pool"
+        )
+
     # -- running: called by the worker that owns the task ---------------------
 
-    def run(self) -> bool | None:
-        """Run the call: ``True`` if it returned, ``False`` if it raised, ``None`` if cancelled."""
-        with self._condition:
-            if self._state != PENDING:
-                self._notify_cancelled()
-                return None
-            self._state = RUNNING
+    def run(self) -> int:
+        """Run the call and resolve the future; return how it ended (COMPLETED...).
+
+        A done-callback that raises ``SystemExit`` or the like propagates from
+        here; ``outcome`` is set before any callback runs.
+        """
+        if not self.set_running_or_notify_cancel():
+            self._drop_call()
+            self.outcome = CANCELLED
+            return CANCELLED
         fn, args, kwargs, context = self._fn, self._args, self._kwargs, self._context
         # Drop the call at once, so its arguments can be freed while the
         # future is still held by the caller (ThreadPoolExecutor does the same).
-        # (_drop_call, inlined: this is the per-task path.)
-        self._fn = self._args = self._kwargs = self._context = None  # type: ignore[assignment]
+        self._drop_call()
         try:
             if context is None:
                 result = fn(*args, **kwargs)  # type: ignore[misc]
             else:
                 result = context.run(fn, *args, **kwargs)  # type: ignore[arg-type]
         except BaseException as exc:
-            what = f"task {_describe(fn)} (key={self.key!r})" if self._log else ""
+            if self._log:
+                self._unretrieved = _Unretrieved(exc, f"task {_describe(fn)} (key={self.key!r})")
             # The traceback keeps this frame alive: drop the call from it too.
             del fn, args, kwargs, context
-            self._finish(None, exc, what)
+            self.outcome = FAILED
+            self.set_exception(exc)
             self = None  # type: ignore[assignment]  # break exc -> frame -> self
-            return False
-        self._finish(result, None, "")
-        return True
+            return FAILED
+        self.outcome = COMPLETED
+        self.set_result(result)
+        return COMPLETED
 
-    def abandon(self, exc: BaseException | None) -> None:
+    def abandon(self, exc: BaseException | None) -> int:
         """Never run the call: cancel the task (*exc* is None) or fail it with *exc*."""
+        self._drop_call()
         if exc is None:
             self.cancel()
-        with self._condition:
-            if self._state == PENDING:
-                self._state = RUNNING  # so nobody can cancel it half-way
-            else:
-                self._notify_cancelled()
-                return
-        self._drop_call()
-        self._finish(None, exc, "")
+        if not self.set_running_or_notify_cancel():
+            self.outcome = CANCELLED
+            return CANCELLED
+        self.outcome = FAILED
+        self.set_exception(exc)
+        return FAILED
 
     def _drop_call(self) -> None:
         # The call is never needed again (it ran, or never will): let its
         # function and arguments be freed while the caller holds the future.
         self._fn = self._args = self._kwargs = self._context = None  # type: ignore[assignment]
-
-    def _notify_cancelled(self) -> None:
-        # With self._condition held: tell wait()/as_completed() a cancel happened.
-        self._drop_call()
-        if self._state == CANCELLED:
-            self._state = CANCELLED_AND_NOTIFIED
-            if self._w:
-                for waiter in self._w:
-                    waiter.add_cancelled(self)
-
-    def _finish(self, result: Any, exc: BaseException | None, what: str) -> None:
-        with self._condition:
-            self._result = result
-            self._exception = exc
-            if exc is not None and what:
-                self._unretrieved = _Unretrieved(exc, what)
-            self._state = FINISHED
-            if self._w:
-                if exc is None:
-                    for waiter in self._w:
-                        waiter.add_result(self)
-                else:
-                    for waiter in self._w:
-                        waiter.add_exception(self)
-            # Nobody waiting is the common case; skip the Python-level notify.
-            if self._condition._waiters:  # type: ignore[attr-defined]
-                self._condition.notify_all()
-        if self._callbacks:
-            self._invoke_callbacks()
-
-    def _invoke_callbacks(self) -> None:
-        for callback in self._callbacks or ():
-            try:
-                callback(self)
-            except Exception:
-                log.exception("exception calling callback for %r", self)

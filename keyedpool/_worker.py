@@ -1,10 +1,10 @@
 """A worker: one OS thread, its own FIFO queue, and the counters for that queue.
 
-A worker's queue holds only the tasks whose key routes to it, so it runs each
-key's tasks one at a time, in order. When its own queue is empty it helps with
-unkeyed tasks, which wait in one queue shared by all workers: an unkeyed task is
-taken by whichever worker is free first, so it never waits behind a slow task
-while another worker is idle.
+A worker's queue holds only the tasks routed to it, so it runs each key's tasks
+one at a time, in order. When its own queue is empty it helps with unkeyed
+tasks, which wait in one queue shared by all workers: an unkeyed task is taken
+by whichever worker is free first, so it never waits behind a slow task while
+another worker is idle.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from collections import deque
 from queue import SimpleQueue
 from typing import TYPE_CHECKING
 
-from ._task import Task
+from ._local import set_current_worker
+from ._task import CANCELLED, COMPLETED, Task
 
 if TYPE_CHECKING:
     from ._pool import Pool
@@ -35,68 +36,85 @@ class Worker:
     def __init__(self, index: int, pool: Pool) -> None:
         self.index = index
         self.pool = pool
-        #: Batches of this worker's own (keyed) tasks, then WAKE or STOP items.
+        #: Batches of this worker's tasks, then WAKE or STOP items. Thread-safe
+        #: by itself; the dispatcher puts (under ``pool.unkeyed_lock``, see
+        #: ``Pool.give``), only this worker gets.
         self.queue: SimpleQueue[Item] = SimpleQueue()
-        #: Batches routed here but not yet taken off the queue, for stats().
+        #: Batches routed here and not yet taken off the queue, for stats() and
+        #: cancel_futures. A deque, whose append and popleft are atomic by
+        #: themselves: the dispatcher appends, this worker pops.
         self.batches: deque[list[Task]] = deque()
+        # Owner: this worker's thread. Others only read them, for stats().
         #: The batch being run, and the task being run (None between tasks).
         self.batch: list[Task] = []
         self.current: Task | None = None
-        #: Own tasks routed here (written by whoever routes) and finished (by this worker).
+        #: Owns the counters below. Each worker has its own, so counting a task
+        #: never waits for another worker, nor for submit.
+        self.lock = threading.Lock()
+        # Owner: self.lock.
+        #: Tasks routed here (by the dispatcher) and finished (by this worker).
         self.routed = 0
         self.finished = 0
         #: All tasks this worker ran or skipped, keyed or not.
         self.completed = 0
         self.failed = 0
         self.cancelled = 0
-        #: True while it is in the pool's idle workers (asleep on its empty queue).
-        self.waiting = False
+        #: Submitters waiting for room. Each registers in every worker before it
+        #: reads the counts, so a task that ends after that read sees it here.
+        self.room_wanted = 0
+        # Owner: pool.unkeyed_lock.
+        #: True while it is in ``pool.idle`` (asleep on its empty queue).
+        self.idle = False
+        # Owner: the dispatcher thread, which starts every worker's thread.
         self.thread: threading.Thread | None = None
 
-    @property
-    def backlog(self) -> int:
-        """Own tasks routed here and not finished yet, the running one included."""
-        return self.routed - self.finished
+    def run(self, task: Task) -> int:
+        """Run one task (or skip it, if the pool is cancelling or broken); say how it ended."""
+        # Read without the lock: halt only ever goes from None to a value, and
+        # a task that starts just as it changes is a task that started before.
+        halt = self.pool.halt
+        try:
+            if halt is None:
+                self.current = task
+                try:
+                    return task.run()
+                finally:
+                    self.current = None
+            return task.abandon(halt if isinstance(halt, BaseException) else None)
+        except BaseException:
+            # Only a done-callback raising SystemExit or the like gets here (the
+            # call's own exceptions go into its future): the task is resolved,
+            # and the worker must live on to run the rest of its queue.
+            self.pool.logger.critical("exception calling callback for %r", task, exc_info=True)
+            return task.outcome
 
-    @property
-    def done(self) -> int:
-        """Tasks this worker ran or skipped: the pool's capacity counts these as free."""
-        return self.completed + self.failed + self.cancelled
+    def count(self, outcome: int, own: bool) -> None:
+        """Count a task that ended; *own*: it was routed here (not taken from the unkeyed queue).
 
-    def run(self, task: Task) -> None:
-        """Run one task (or skip it, if the pool is cancelling or broken) and count it."""
-        pool = self.pool
-        halt = pool.halt
-        if halt is None:
-            self.current = task
-            try:
-                outcome = task.run()
-            except BaseException:
-                # Only a done-callback raising SystemExit or the like gets here
-                # (the call's own exceptions go into its future): the task is
-                # finished, and the worker must live on.
-                pool.logger.critical("exception calling callback for %r", task, exc_info=True)
-                outcome = task._exception is None
-            self.current = None
-        elif isinstance(halt, BaseException):  # broken: fail it without running it
-            task.abandon(halt)
-            outcome = False
-        else:  # shutdown(cancel_futures=True): never start it
-            task.abandon(None)
-            outcome = None
-        if outcome:
-            self.completed += 1
-        elif outcome is None:
-            self.cancelled += 1
-        else:
-            self.failed += 1
-        # Counting it above freed its room; a submit may be waiting for room.
-        if pool.space_wanted:
-            pool.room_freed()
+        Called after the worker dropped its reference to the task, so the
+        caller's ``result()`` returning means the pool holds the task no more.
+        """
+        with self.lock:
+            if outcome == COMPLETED:
+                self.completed += 1
+            elif outcome == CANCELLED:
+                self.cancelled += 1
+            else:
+                self.failed += 1
+            if own:
+                self.finished += 1
+            room_wanted = self.room_wanted
+        if room_wanted:
+            # Its room is free, and a submit waits for room.
+            self.pool.room_freed()
 
 
 def work(worker: Worker, pool: Pool) -> None:
     """The worker thread's loop."""
+    with pool.lock:
+        if worker.thread is not threading.current_thread():
+            return  # its start() was interrupted, and the worker is still unstarted
+    set_current_worker(worker)
     if pool.initializer is not None:
         try:
             pool.initializer(*pool.initargs)
@@ -106,41 +124,49 @@ def work(worker: Worker, pool: Pool) -> None:
 
     get = worker.queue.get
     queue_empty = worker.queue.empty
-    unkeyed = pool.unkeyed
+    take_unkeyed = pool.take_unkeyed
     run = worker.run
+    count = worker.count
+    task: Task | None
 
     while True:
-        if not queue_empty() or pool.ready_to_sleep(worker):
-            item: Item = get()
-        else:
-            item = WAKE  # an unkeyed task arrived as we were about to sleep
+        if queue_empty():
+            # Nothing of our own: help with unkeyed work, one task at a time so
+            # that our own queue gets the next turn as soon as something
+            # arrives there (keyed tasks never wait behind an unkeyed flood).
+            # With none, take_unkeyed marks us idle, and we sleep in get().
+            task = take_unkeyed(worker)
+            if task is not None:
+                outcome = run(task)
+                task = None
+                count(outcome, False)
+                continue
+        item = get()
         if item is STOP:
             break
-        if item:
+        if item is WAKE:
+            # Woken for an unkeyed task: take it now, even if our own queue got
+            # work meanwhile (that work came after the wake-up).
+            task = take_unkeyed(None)
+            if task is not None:
+                outcome = run(task)
+                task = None
+                count(outcome, False)
+        elif item:
             worker.batches.popleft()
             worker.batch = item
-            for task in item:
-                run(task)
-                worker.finished += 1
+            for i, task in enumerate(item):
+                outcome = run(task)
+                # Let go of the finished task before counting it (see count).
+                item[i] = task = None  # type: ignore[call-overload]
+                count(outcome, True)
             worker.batch = []
-        # Help with unkeyed work, but give our own queue the next turn as soon
-        # as something arrives there: keyed tasks must not wait behind a flood.
-        while unkeyed:
-            try:
-                task = unkeyed.popleft()
-            except IndexError:
-                break
-            run(task)
-            if not queue_empty():
-                break
         # Drop our references before we sleep, so finished futures (and their
         # results) can be freed as soon as their callers let go of them.
-        item = task = None  # type: ignore[assignment]
+        item = task = None
 
-    # Every task was placed before STOP was sent: finish the unkeyed leftovers.
-    while True:
-        try:
-            task = unkeyed.popleft()
-        except IndexError:
-            break
-        run(task)
+    # STOP came after everything routed to us; unkeyed tasks may be left.
+    while (task := pool.take_unkeyed(None)) is not None:
+        outcome = run(task)
+        task = None
+        count(outcome, False)

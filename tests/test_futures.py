@@ -15,7 +15,7 @@ from concurrent.futures import (
 )
 
 import pytest
-from _util import TIMEOUT
+from _util import TIMEOUT, wait_until
 
 from keyedpool import KeyedPoolExecutor
 
@@ -185,6 +185,8 @@ def test_stats_snapshot_counts() -> None:
         failing = pool.submit(None, int, "x")
         assert started.wait(TIMEOUT)
         wait([failing], timeout=TIMEOUT)
+        # The dispatcher routes tasks a moment after submit returns.
+        wait_until(lambda: pool.stats().in_transit == 0)
         stats = pool.stats()
         assert stats.submitted == 7 and stats.max_workers == 2 and stats.max_pending == 200
         assert stats.top_keys[0].key == hot and stats.top_keys[0].backlog == 6

@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import mmh3
 
 from keyedpool import Key, KeyedPoolExecutor
-from keyedpool._routing import check_key
+from keyedpool._routing import SEED, check_key, key_bytes
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # noqa: UP035 - typing.Self is 3.11+
@@ -607,8 +607,9 @@ def shard_of(key: Key, shards: int) -> int:
     """The shard (0 to ``shards - 1``) a key's messages are published to.
 
     ``(mmh3_32(key_bytes, seed=0, unsigned) * shards) >> 32``: the *high* bits of
-    the same mmh3 hash keyedpool routes with, where ``key_bytes`` is the UTF-8
-    of a ``str``, a ``bytes`` key as it is, or the decimal digits of an ``int``.
+    the same mmh3 hash keyedpool routes with, over the same bytes
+    (:func:`keyedpool.key_bytes`: the UTF-8 of a ``str``, lone
+    surrogates kept, a ``bytes`` key as it is, or the decimal digits of an ``int``).
     Easy to compute in any language. Not ``hash % shards``: the pool picks a
     worker with ``hash % max_workers``, and if both used the low bits, the keys
     of one process (a subset of shards) would land on a subset of its workers
@@ -618,13 +619,7 @@ def shard_of(key: Key, shards: int) -> int:
         raise ValueError("keyedpool: a message needs a key (str, bytes or int) to be sharded")
     check_key(key)
     check_positive("shards", shards)
-    if isinstance(key, int):
-        data = b"%d" % key
-    elif isinstance(key, str):
-        data = key.encode()
-    else:
-        data = key
-    return (mmh3.hash(data, 0, False) * shards) >> 32
+    return (mmh3.hash(key_bytes(key), SEED, False) * shards) >> 32
 
 
 def read_key(key_of: Callable[[M], object], message: M) -> Key | None:
