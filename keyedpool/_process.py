@@ -30,7 +30,7 @@ _lock = threading.Lock()
 
 
 def register(pool: Pool) -> None:
-    """Track a pool whose threads have started."""
+    """Track a pool from the moment it is made (before any of its threads exist)."""
     with _lock:
         _pools.add(pool)
 
@@ -49,9 +49,10 @@ def _at_exit() -> None:
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()
+    # The pools stay registered: the child may use them, and at its exit their
+    # threads must be stopped and joined as in the parent.
     for pool in list(_pools):
         pool.after_fork_in_child()
-    _pools.clear()
 
 
 # threading._register_atexit runs before the interpreter joins non-daemon

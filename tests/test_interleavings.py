@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from concurrent.futures import Future, as_completed, wait
 from typing import Any
 
@@ -34,19 +33,7 @@ from keyedpool import (
     PoolFull,
     key_bytes,
 )
-from keyedpool.contrib.redis import shard_of
-
-
-@pytest.fixture
-def fast_switching() -> Iterator[None]:
-    """Switch threads as often as the interpreter can: races show up in seconds."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
-
+from keyedpool.contrib._consumer import shard_of  # (no broker client needed)
 
 # -- 1. keys ---------------------------------------------------------------------
 
@@ -275,6 +262,12 @@ def test_keyboard_interrupt_while_submit_starts_a_thread(
     assert stats.pending == 0 and stats.submitted == accepted + 10
 
 
+@pytest.mark.skipif(
+    sys.version_info >= (3, 13),
+    reason="from CPython 3.13 a signal handler's exception can be raised between a "
+    "lock's __enter__ and the with block, so `with lock:` itself can leak the lock; "
+    "no Python code can close that window (the tests above cover submit's own windows)",
+)
 def test_keyboard_interrupts_anywhere_in_submit_lose_nothing() -> None:
     # Interrupt a submit loop at random points, as Ctrl-C would. Whatever a
     # submit accepted must run; whatever it did not must not be counted.
@@ -287,10 +280,10 @@ def test_keyboard_interrupts_anywhere_in_submit_lose_nothing() -> None:
 
     futures: list[Future[Any]] = []
     interrupts = 0
-    old = signal.signal(signal.SIGALRM, interrupt)
+    old = signal.signal(signal.SIGVTALRM, interrupt)
     pool = KeyedPoolExecutor(4, max_pending=50)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0.0002, 0.0002)
         for i in range(3000):
             try:
                 armed[0] = True
@@ -300,8 +293,8 @@ def test_keyboard_interrupts_anywhere_in_submit_lose_nothing() -> None:
                 interrupts += 1
     finally:
         armed[0] = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.signal(signal.SIGVTALRM, old)
         pool.shutdown(wait=True)
     stats = pool.stats()
     assert interrupts > 0

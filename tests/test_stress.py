@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
 from concurrent.futures import Future, wait
 from typing import Any
 
@@ -28,14 +26,7 @@ SUBMITTERS = 4
 PER_SUBMITTER = 300
 
 
-@pytest.fixture(autouse=True)
-def fast_switching() -> Iterator[None]:
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
+pytestmark = pytest.mark.usefixtures("fast_switching")
 
 
 class Ledger:
