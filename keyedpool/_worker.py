@@ -65,7 +65,8 @@ class Worker:
         # Owner: pool.unkeyed_lock.
         #: True while it is in ``pool.idle`` (asleep on its empty queue).
         self.idle = False
-        # Owner: the dispatcher thread, which starts every worker's thread.
+        # Owner: pool.lock (set by Pool.start_worker; read without it only for
+        # reports such as ThreadPoolExecutor._threads).
         self.thread: threading.Thread | None = None
 
     def run(self, task: Task) -> int:
