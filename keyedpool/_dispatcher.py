@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._routing import worker_index
+from ._routing import SEED, key_bytes, mmh3_hash
 from ._task import Task
 from ._worker import STOP
 
@@ -57,7 +57,9 @@ def place(pool: Pool, tasks: list[Task]) -> None:
         if key is None:
             loose.append(task)
             continue
-        index = worker_index(key, count)
+        # worker_index(key, count), inlined for the common str key: this runs per task.
+        data = key.encode("utf-8", "surrogatepass") if type(key) is str else key_bytes(key)
+        index = mmh3_hash(data, SEED, False) % count
         if stand_in:
             index = stand_in.get(index, index)
         group = own.get(index)

@@ -151,7 +151,8 @@ class Pool:
     def admit(self, task: Task, block: bool, timeout: float | None) -> None:
         """Accept *task* or raise; on success it is on its way to a worker."""
         with self.lock:
-            self._check_open()
+            if self.closed or self.halt is not None or _process.exiting:
+                self._check_open()
             if (
                 self.accepted + len(self.inbox) - self.done_seen >= self.max_pending
                 and self._full()
@@ -256,13 +257,13 @@ class Pool:
     def _maybe_start_for_unkeyed(self) -> None:
         # With self.lock held. As ThreadPoolExecutor does, start a worker unless
         # one is free for this task: free means idle and not already wanted by
-        # an earlier unkeyed task. (A new worker is idle until the dispatcher
-        # hands it the task.)
+        # an earlier unkeyed task. (A new worker is idle from the start, see
+        # start_worker.)
         with self.unkeyed_lock:
             free = len(self.idle) - len(self.unkeyed)
         if free > self.unkeyed_in_inbox:
             return
-        if not self.start_worker(self.unstarted[-1]) and not self.started:
+        if not self.start_worker(self.unstarted[-1], idle=True) and not self.started:
             raise RuntimeError(
                 "keyedpool: can't start a worker thread (the system refused a new "
                 "thread, see the 'keyedpool' log), and no worker is running to take "
@@ -332,8 +333,12 @@ class Pool:
                 wanted -= 1
         return wanted
 
-    def start_worker(self, worker: Worker) -> bool:
+    def start_worker(self, worker: Worker, idle: bool = False) -> bool:
         """Start *worker*'s thread; ``False`` if the system refused. With ``lock`` held.
+
+        *idle*: the worker is started for an unkeyed task that a submit is
+        about to accept, and counts as idle from now on (see below). Otherwise
+        it is started for work that is already queued, which it finds itself.
 
         The thread checks, under the lock, that it is still *worker*'s thread
         before it does anything: if ``start()`` was interrupted after the thread
@@ -341,9 +346,19 @@ class Pool:
         """
         thread = _new_thread(f"{self.thread_name_prefix}_{worker.index}", work, (worker, self))
         worker.thread = thread
+        if idle:
+            # Idle from the start: the dispatcher may hand out the task it is
+            # started for before the thread runs, and must not start yet
+            # another worker for it. The thread then goes straight to sleep on
+            # its queue (resting), where the task's wake-up waits.
+            worker.resting = True
+            with self.unkeyed_lock:
+                worker.idle = True
+                self.idle[worker] = None
         try:
             thread.start()
         except RuntimeError:
+            self._not_idle(worker)
             worker.thread = None
             # "can't start new thread": a pid or memory limit. The pool carries
             # on with the workers it has (see _dispatcher._start_or_stand_in).
@@ -352,12 +367,27 @@ class Pool:
             )
             return False
         except BaseException:
+            self._not_idle(worker)
             worker.thread = None
             raise
         self.unstarted.remove(worker)
         self.started.append(worker)
         self.threads.append(thread)
         return True
+
+    def _not_idle(self, worker: Worker) -> None:
+        # Its thread did not start: take it out of the idle set. If the
+        # dispatcher already woke it for an unkeyed task, wake another in its place.
+        worker.resting = False
+        with self.unkeyed_lock:
+            if worker.idle:
+                worker.idle = False
+                del self.idle[worker]
+            elif self.unkeyed and self.idle:
+                other = next(iter(self.idle))
+                del self.idle[other]
+                other.idle = False
+                other.queue.put(WAKE)
 
     def start_for_keyed(self, worker: Worker) -> Worker | None:
         """Start *worker* (by the dispatcher), or name a running worker to stand in.
@@ -407,6 +437,20 @@ class Pool:
                 worker.idle = True
                 self.idle[worker] = None
             return None
+
+    def rest(self, worker: Worker) -> bool:
+        """Put *worker* in the idle set now if it has nothing to do; say whether it did.
+
+        Called by the worker between the return of an unkeyed call and the
+        resolution of its future. Work that comes later finds it idle and
+        wakes it (``give`` and ``add_unkeyed`` run under the same lock).
+        """
+        with self.unkeyed_lock:
+            if self.unkeyed or not worker.queue.empty():
+                return False
+            worker.idle = True
+            self.idle[worker] = None
+            return True
 
     def set_broken(self, reason: str) -> None:
         with self.lock:

@@ -25,7 +25,8 @@ SEED = 0
 # Exact types take the fast path in submit(); subclasses go through check_key().
 KEY_TYPES = frozenset((str, bytes, int))
 
-_hash = mmh3.hash
+#: The hash function itself (mmh3's 32-bit MurmurHash3).
+mmh3_hash = mmh3.hash
 
 
 def check_key(key: object) -> None:
@@ -70,4 +71,4 @@ def key_bytes(key: Key) -> bytes:
 
 def worker_index(key: Key, workers: int) -> int:
     """The index, from ``0`` to ``workers - 1``, of the worker that runs *key*'s tasks."""
-    return _hash(key_bytes(key), SEED, False) % workers
+    return mmh3_hash(key_bytes(key), SEED, False) % workers

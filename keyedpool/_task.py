@@ -33,7 +33,7 @@ from _thread import RLock, allocate_lock
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED as CANCELLED_STATE
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
@@ -203,7 +203,9 @@ class Task(Future):  # type: ignore[type-arg]
     def _finish(self, result: Any, exception: BaseException | None) -> None:
         # Future.set_result / set_exception, line for line, but reading the
         # lists only if they exist.
-        with self._condition:
+        condition = self._condition
+        condition.acquire()
+        try:
             if self._state in _DONE:
                 raise InvalidStateError(f"{self._state}: {self!r}")
             self._result = result
@@ -217,7 +219,10 @@ class Task(Future):  # type: ignore[type-arg]
                 else:
                     for waiter in waiters:
                         waiter.add_exception(self)
-            self._condition.notify_all()
+            if condition._sleepers:  # type: ignore[attr-defined]  # nobody waits, usually
+                condition.notify_all()
+        finally:
+            condition.release()
         if self._callback_list:
             self._invoke_callbacks()  # type: ignore[attr-defined]
 
@@ -244,6 +249,13 @@ class Task(Future):  # type: ignore[type-arg]
         self._kwargs = kwargs
         self._context = context
         self._log = log_unretrieved
+        # Set here although the class has defaults: attributes that every
+        # instance sets in the same order stay in the object itself, while a
+        # different order (the dispatcher and the worker set these later, and
+        # unkeyed tasks never get a worker) would give each task a separate
+        # __dict__, one more object per task for the garbage collector.
+        self.worker = None
+        self.outcome = CANCELLED
 
     # -- the outcome, with the self-deadlock check ----------------------------
 
@@ -321,20 +333,35 @@ class Task(Future):  # type: ignore[type-arg]
 
     # -- running: called by the worker that owns the task ---------------------
 
-    def run(self) -> int:
+    def run(self, returned: Callable[[], object] | None = None) -> int:
         """Run the call and resolve the future; return how it ended (COMPLETED...).
 
-        A done-callback that raises ``SystemExit`` or the like propagates from
-        here; ``outcome`` is set before any callback runs.
+        *returned*, if given, is called after the call returned (or raised) and
+        before the future resolves. A done-callback that raises ``SystemExit``
+        or the like propagates from here; ``outcome`` is set before any
+        callback runs.
         """
-        if not self.set_running_or_notify_cancel():
+        # Future.set_running_or_notify_cancel, for the common case (pending),
+        # without the method call; anything else goes through it. (acquire and
+        # release rather than ``with``: cheaper, and this runs on a worker
+        # thread, where no KeyboardInterrupt can land in between.)
+        condition = self._condition
+        condition.acquire()
+        try:
+            pending = self._state == PENDING
+            if pending:
+                self._state = RUNNING
+        finally:
+            condition.release()
+        if not pending and not self.set_running_or_notify_cancel():
             self._drop_call()
             self.outcome = CANCELLED
             return CANCELLED
         fn, args, kwargs, context = self._fn, self._args, self._kwargs, self._context
         # Drop the call at once, so its arguments can be freed while the
         # future is still held by the caller (ThreadPoolExecutor does the same).
-        self._drop_call()
+        # (_drop_call, inlined: this is the per-task path.)
+        self._fn = self._args = self._kwargs = self._context = None  # type: ignore[assignment]
         try:
             if context is None:
                 result = fn(*args, **kwargs)  # type: ignore[misc]
@@ -345,12 +372,16 @@ class Task(Future):  # type: ignore[type-arg]
                 self._unretrieved = _Unretrieved(exc, f"task {_describe(fn)} (key={self.key!r})")
             # The traceback keeps this frame alive: drop the call from it too.
             del fn, args, kwargs, context
+            if returned is not None:
+                returned()
             self.outcome = FAILED
             self.set_exception(exc)
             self = None  # type: ignore[assignment]  # break exc -> frame -> self
             return FAILED
+        if returned is not None:
+            returned()
         self.outcome = COMPLETED
-        self.set_result(result)
+        self._finish(result, None)  # set_result, one call fewer
         return COMPLETED
 
     def abandon(self, exc: BaseException | None) -> int:

@@ -63,13 +63,20 @@ class Worker:
         #: reads the counts, so a task that ends after that read sees it here.
         self.room_wanted = 0
         # Owner: pool.unkeyed_lock.
-        #: True while it is in ``pool.idle`` (asleep on its empty queue).
+        #: True while it is in ``pool.idle`` (asleep on its empty queue, or
+        #: about to be: see ``rest``).
         self.idle = False
+        # Owner: this worker's thread (Pool.start_worker sets it before the
+        # thread exists, and after a start that failed).
+        #: True when this worker is in ``pool.idle`` and knows it (see ``rest``
+        #: and ``Pool.start_worker``): it then goes straight to sleep on its
+        #: queue, where any new work reaches it.
+        self.resting = False
         # Owner: pool.lock (set by Pool.start_worker; read without it only for
         # reports such as ThreadPoolExecutor._threads).
         self.thread: threading.Thread | None = None
 
-    def run(self, task: Task) -> int:
+    def run(self, task: Task, unkeyed: bool = False) -> int:
         """Run one task (or skip it, if the pool is cancelling or broken); say how it ended."""
         # Read without the lock: halt only ever goes from None to a value, and
         # a task that starts just as it changes is a task that started before.
@@ -78,7 +85,7 @@ class Worker:
             if halt is None:
                 self.current = task
                 try:
-                    return task.run()
+                    return task.run(self.rest if unkeyed else None)
                 finally:
                     self.current = None
             return task.abandon(halt if isinstance(halt, BaseException) else None)
@@ -89,13 +96,26 @@ class Worker:
             self.pool.logger.critical("exception calling callback for %r", task, exc_info=True)
             return task.outcome
 
+    def rest(self) -> None:
+        """An unkeyed call returned, its future not yet resolved: be idle now if nothing waits.
+
+        So a caller who sees the result and submits again finds this worker
+        free and reuses it, instead of starting another thread (as with
+        ThreadPoolExecutor, whose worker is free again before the next submit).
+        """
+        self.resting = self.pool.rest(self)
+
     def count(self, outcome: int, own: bool) -> None:
         """Count a task that ended; *own*: it was routed here (not taken from the unkeyed queue).
 
         Called after the worker dropped its reference to the task, so the
         caller's ``result()`` returning means the pool holds the task no more.
         """
-        with self.lock:
+        # acquire/release rather than ``with``: cheaper, and no KeyboardInterrupt
+        # lands in a worker thread.
+        lock = self.lock
+        lock.acquire()
+        try:
             if outcome == COMPLETED:
                 self.completed += 1
             elif outcome == CANCELLED:
@@ -105,6 +125,8 @@ class Worker:
             if own:
                 self.finished += 1
             room_wanted = self.room_wanted
+        finally:
+            lock.release()
         if room_wanted:
             # Its room is free, and a submit waits for room.
             self.pool.room_freed()
@@ -131,14 +153,17 @@ def work(worker: Worker, pool: Pool) -> None:
     task: Task | None
 
     while True:
-        if queue_empty():
+        if worker.resting:
+            # Already idle (see Worker.rest): sleep until work comes.
+            worker.resting = False
+        elif queue_empty():
             # Nothing of our own: help with unkeyed work, one task at a time so
             # that our own queue gets the next turn as soon as something
             # arrives there (keyed tasks never wait behind an unkeyed flood).
             # With none, take_unkeyed marks us idle, and we sleep in get().
             task = take_unkeyed(worker)
             if task is not None:
-                outcome = run(task)
+                outcome = run(task, True)
                 task = None
                 count(outcome, False)
                 continue
@@ -150,7 +175,7 @@ def work(worker: Worker, pool: Pool) -> None:
             # work meanwhile (that work came after the wake-up).
             task = take_unkeyed(None)
             if task is not None:
-                outcome = run(task)
+                outcome = run(task, True)
                 task = None
                 count(outcome, False)
         elif item:

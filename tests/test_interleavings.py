@@ -329,6 +329,39 @@ def test_unkeyed_task_runs_while_the_other_worker_is_busy(fast_switching: None) 
             assert busy.result(TIMEOUT) is True
 
 
+def test_unkeyed_task_whose_new_worker_got_keyed_work_runs_on_another(
+    fast_switching: None,
+) -> None:
+    # A worker started for an unkeyed task can get keyed work first (here, the
+    # key routes to the very worker that submit starts first); then another
+    # worker must start and take the unkeyed task, not wait behind the key.
+    for _ in range(50):
+        release = threading.Event()
+        with KeyedPoolExecutor(2) as pool:
+            key = next(k for k in (f"k{i}" for i in range(100)) if pool.worker_index(k) == 0)
+            busy = pool.submit(key, release.wait, TIMEOUT)
+            behind = [pool.submit(key, int, n) for n in range(5)]
+            try:
+                assert pool.submit(None, int, 4).result(TIMEOUT) == 4
+                assert not busy.done()
+            finally:
+                release.set()
+            assert [f.result(TIMEOUT) for f in behind] == list(range(5))
+
+
+def test_a_worker_whose_result_was_seen_is_reused_by_the_next_submit(
+    fast_switching: None,
+) -> None:
+    # ThreadPoolExecutor's promise (and CPython's test_idle_thread_reuse): a
+    # caller that waits for each result before the next submit needs one thread.
+    # The worker must be free before the caller can see the result, not after.
+    for _ in range(50):
+        with KeyedPoolExecutor(8) as pool:
+            for n in range(20):
+                assert pool.submit(None, int, n).result(TIMEOUT) == n
+            assert len(pool._pool.threads) == 1  # worker threads started
+
+
 # -- 9. contextvars do not leak through thread starts -----------------------------------
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")

@@ -25,8 +25,9 @@ class Recorder:
 
     def task(self, key: object, seq: int, fail: bool = False) -> int:
         with self.lock:
+            # Unkeyed tasks (key None) may run at the same time: no overlap.
             self.active[key] += 1
-            if self.active[key] > 1:
+            if self.active[key] > 1 and key is not None:
                 self.overlaps += 1
             self.started[key].append(seq)
         # Give other threads a chance to run in the middle of this task.

@@ -122,7 +122,17 @@ class ConsumerProcess:
     def stop(self) -> dict[str, int]:
         """SIGTERM (graceful stop); return the stats it printed. Asserts exit code 0."""
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(WAIT)
+        try:
+            code = self.proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            # A hang: SIGABRT makes the process print every thread's stack (faulthandler).
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(WAIT)
+            self._err.join(WAIT)
+            raise AssertionError(
+                f"process {self.pid} did not stop within {WAIT} s; its threads:\n"
+                + "".join(self.stderr)[-12000:]
+            ) from None
         self._out.join(WAIT)
         self._err.join(WAIT)
         assert code == 0, f"exit {code}: {''.join(self.stderr)[-3000:]}"

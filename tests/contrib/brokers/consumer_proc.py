@@ -31,6 +31,7 @@ fetching, drain, ack, close), prints ``stats {json}`` and ``stopped``, and exits
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import importlib.util
 import json
 import os
@@ -110,6 +111,8 @@ def _load(spec: str) -> Callable[[dict[str, Any], Record], Any]:
 
 def main() -> None:
     config: dict[str, Any] = json.loads(sys.argv[1])
+    # The tests send SIGABRT to a process that does not stop in time: every thread's stack.
+    faulthandler.enable(all_threads=True)
     pid = os.getpid()
     log_fd = os.open(config["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     cost = float(config.get("cost", 0.0))

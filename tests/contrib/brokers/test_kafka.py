@@ -922,7 +922,10 @@ def test_a_revoke_that_takes_too_long_hands_the_partition_over(kafka: MockKafka)
         # wait for that handler (here: until the test ends) and b would wait too.
         assert b_assigned.wait(WAIT)
         assert revoked.is_set()
-        assert a.stats().in_flight == 1  # still running in a: the documented overlap
+        # Still running in a: the documented overlap. (At least 1: the mock
+        # cluster may rebalance again and give the partition back to a, which
+        # then fetches the uncommitted message once more, behind the stuck one.)
+        assert a.stats().in_flight >= 1
     finally:
         release.set()
         a.stop(WAIT)
