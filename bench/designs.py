@@ -151,6 +151,22 @@ class KeyedKeyed(Design):
         self._pool.shutdown(wait=True)
 
 
+class KeyedAffinity(KeyedKeyed):
+    """keyedpool keyed, ``routing="affinity"``: a key stays on a worker only while it has work."""
+
+    name = "keyedpool-affinity"
+    label = "keyedpool keyed, affinity"
+
+    def __init__(self, workers: int) -> None:
+        Design.__init__(self, workers)
+        self._pool = KeyedPoolExecutor(workers, thread_name_prefix="bench-kpa", routing="affinity")
+        self._submit = self._pool.submit
+
+    def lane(self, key: Key | None, topic: int = 0) -> Hashable | None:
+        # No fixed worker: only the key's own tasks must wait for one another.
+        return key
+
+
 class KeyedUnkeyed(KeyedKeyed):
     """keyedpool with every task unkeyed (``key=None``): any free worker."""
 
@@ -370,6 +386,7 @@ class HashedSingle(Design):
 #: Every design, in report order.
 DESIGNS: tuple[type[Design], ...] = (
     KeyedKeyed,
+    KeyedAffinity,
     KeyedUnkeyed,
     Stdlib,
     PerTopic,

@@ -1,7 +1,9 @@
 """The dispatcher: takes accepted tasks in submit order and puts each where it runs.
 
-A keyed task goes on the queue of the worker its key routes to (see
-``_routing``); an unkeyed task goes on the unkeyed queue, and a sleeping worker
+A keyed task goes on the queue of a worker: with ``routing="affinity"`` (the
+``Affinity`` class below) the worker its key already has tasks on, else a free
+or lightly loaded one; with ``routing="hash"`` always the worker its key hashes
+to (see ``_routing``). An unkeyed task goes on the unkeyed queue, and a sleeping worker
 is woken to take it (submit starts a new worker when none is free, as
 ThreadPoolExecutor does).
 Nothing here ever blocks on a worker: worker queues have no size limit
@@ -15,25 +17,33 @@ which worker stands in for one whose thread could not start) needs no lock.
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import TYPE_CHECKING
 
-from ._routing import SEED, key_bytes, mmh3_hash
+from ._routing import SEED, Key, key_bytes, mmh3_hash, two_choices
 from ._task import Task
 from ._worker import STOP
 
 if TYPE_CHECKING:
     from ._pool import Pool
 
-__all__ = ["dispatch", "place"]
+#: Seconds without a finished task after which a worker with work seems stuck.
+STALLED = 0.1
+
+__all__ = ["Affinity", "dispatch", "place"]
 
 
 def dispatch(pool: Pool) -> None:
     """The dispatcher thread's loop: route every accepted task, then stop the workers."""
+    affinity = Affinity(pool) if pool.routing_mode == "affinity" else None
     while True:
         tasks, last = pool.take_inbox()
         if tasks:
             try:
-                place(pool, tasks)
+                if affinity is None:
+                    place(pool, tasks)
+                else:
+                    affinity.place(tasks)
             except BaseException:  # pragma: no cover - a bug: keep the pool alive
                 pool.logger.critical("keyedpool: error in the dispatcher", exc_info=True)
         # Drop our references before we wait: the futures (and their results)
@@ -46,7 +56,7 @@ def dispatch(pool: Pool) -> None:
 
 
 def place(pool: Pool, tasks: list[Task]) -> None:
-    """Put *tasks*, in order, on their workers' queues or on the unkeyed queue."""
+    """``routing="hash"``: put *tasks*, in order, on their workers' queues or the unkeyed queue."""
     workers = pool.workers
     count = len(workers)
     stand_in = pool.stand_in
@@ -77,6 +87,11 @@ def place(pool: Pool, tasks: list[Task]) -> None:
             # their order there.
             stand_in[index] = taker.index
             own.setdefault(taker.index, []).extend(own.pop(index))
+    _give_all(pool, own, loose, 0)
+
+
+def _give_all(pool: Pool, own: dict[int, list[Task]], loose: list[Task], moves: int) -> None:
+    workers = pool.workers
     for index, group in own.items():
         for task in group:
             task.worker = index
@@ -85,7 +100,152 @@ def place(pool: Pool, tasks: list[Task]) -> None:
         wanted = pool.add_unkeyed(loose)
         if wanted:
             pool.start_for_unkeyed(wanted)
-    pool.routed()
+    pool.routed(moves)
+
+
+class Affinity:
+    """``routing="affinity"``: a key stays on a worker only while it has tasks there.
+
+    Owned by the dispatcher thread (made by it, used only by it), so none of
+    this needs a lock. Each worker counts the tasks routed to it (``sent``
+    here) and the tasks it finished (``Worker.finished``, read under the
+    worker's lock). A key remembers its worker and that worker's ``sent``
+    count just after the key's last task; once the worker's ``finished`` count
+    reaches it, nothing of the key is left there and its next task may go
+    anywhere. Order per key holds because a key moves only then. A stale
+    ``finished`` is lower than the truth, which only keeps a key where it is.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        count = len(pool.workers)
+        #: Tasks routed to each worker (the dispatcher's own copy of Worker.routed).
+        self.sent = [0] * count
+        #: key -> (worker index, ``sent`` of that worker just after the key's last task).
+        self.bound: dict[Key, tuple[int, int]] = {}
+        #: Workers whose thread could not start: never chosen again.
+        self.dead: set[int] = set()
+        #: How many times a key went to another worker than its last one.
+        self.moves = 0
+        #: Sweep ``bound`` of free keys when it grows past this.
+        self.sweep_at = 1024
+        # Per batch: each worker's finished count (-1: not read yet), and the
+        # free workers not handed a key yet (None: not read yet).
+        self.finished = [-1] * count
+        self.free: list[int] | None = None
+        self.now = 0.0
+        #: Per worker: its finished count when we last saw it change, and when.
+        #: A worker with work that finished nothing for STALLED seconds is
+        #: probably stuck on one task: a key with a choice goes elsewhere.
+        self.seen = [0] * count
+        self.progress = [0.0] * count
+
+    def place(self, tasks: list[Task]) -> None:
+        """Put *tasks*, in order, on their workers' queues or on the unkeyed queue."""
+        pool = self.pool
+        sent = self.sent
+        bound = self.bound
+        # What each worker finished, and which workers are free, are read at
+        # most once per batch, and only when needed (each under its owner's lock).
+        self.finished = [-1] * len(sent)
+        self.free = None
+        self.now = monotonic()
+        own: dict[int, list[Task]] = {}
+        loose: list[Task] = []
+        moves = 0
+        for task in tasks:
+            key = task.key
+            if key is None:
+                loose.append(task)
+                continue
+            entry = bound.get(key)
+            if entry is not None and self._finished(entry[0]) < entry[1]:
+                index = entry[0]  # it still has tasks there: after them
+            else:
+                index = self._choose(key)
+                if index < 0:
+                    _fail(pool, [task])
+                    continue
+                if entry is not None and entry[0] != index:
+                    moves += 1
+            if sent[index] == self._finished(index):
+                self.progress[index] = self.now  # it had nothing to do until now
+            sent[index] += 1
+            bound[key] = (index, sent[index])
+            group = own.get(index)
+            if group is None:
+                own[index] = [task]
+            else:
+                group.append(task)
+        self.moves += moves
+        if len(bound) > self.sweep_at:
+            self._sweep()
+        _give_all(pool, own, loose, moves)
+
+    def _finished(self, index: int) -> int:
+        done = self.finished[index]
+        if done < 0:
+            done = self.finished[index] = self.pool.finished_count(index)
+            if done != self.seen[index]:
+                self.seen[index] = done
+                self.progress[index] = self.now
+        return done
+
+    def _load(self, index: int) -> tuple[bool, float, int]:
+        """How busy a worker is, smaller is better: (seems stuck, for how long, backlog)."""
+        backlog = self.sent[index] - self._finished(index)
+        stalled = self.now - self.progress[index] if backlog > 0 else 0.0
+        if stalled > STALLED:
+            return True, stalled, backlog
+        return False, 0.0, backlog
+
+    def _choose(self, key: Key) -> int:
+        """A worker for a key with nothing queued: a free one, else the less busy of two."""
+        free = self.free
+        if free is None:
+            free = self.free = self.pool.free_workers()
+        while free:
+            index = free.pop()
+            if self._startable(index):
+                return index
+        data = key.encode("utf-8", "surrogatepass") if type(key) is str else key_bytes(key)
+        first, second = two_choices(data, len(self.sent))
+        if self._load(second) < self._load(first):
+            first, second = second, first
+        if self._load(first)[0]:
+            # Both seem stuck: the least busy worker that does not, if any.
+            alive = [w.index for w in self.pool.started_workers()]
+            best = min(alive, key=self._load, default=first)
+            if not self._load(best)[0]:
+                first, second = best, first
+        for index in (first, second):
+            if self._startable(index):
+                return index
+        # Neither candidate's thread could start: the least busy running worker.
+        alive = [w.index for w in self.pool.started_workers()]
+        return min(alive, key=self._load) if alive else -1
+
+    def _startable(self, index: int) -> bool:
+        # Start the worker's thread if it has none; remember it if that fails.
+        worker = self.pool.workers[index]
+        if worker.thread is not None:
+            return True
+        if index in self.dead:
+            return False
+        if self.pool.start_for_keyed(worker) is worker:
+            return True
+        self.dead.add(index)
+        return False
+
+    def _sweep(self) -> None:
+        # Forget the keys with nothing left on their worker, so the table holds
+        # about as many keys as have tasks queued (amortised: it runs when the
+        # table has doubled since the last sweep).
+        self.finished = [-1] * len(self.sent)
+        bound = self.bound
+        for key in [k for k, (index, mark) in bound.items() if self._finished(index) >= mark]:
+            del bound[key]
+        self.sweep_at = max(1024, 2 * len(bound))
 
 
 def _fail(pool: Pool, tasks: list[Task]) -> None:

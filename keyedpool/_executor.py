@@ -25,6 +25,7 @@ T = TypeVar("T")
 Self = TypeVar("Self", bound="KeyedPoolExecutor")
 
 OnFull = Literal["block", "raise"]
+Routing = Literal["affinity", "hash"]
 
 _pool_numbers = itertools.count()
 
@@ -68,6 +69,13 @@ class KeyedPoolExecutor:
             failed task whose future is dropped without ``result()`` or
             ``exception()`` having been called, so fire-and-forget work never
             fails silently.
+        routing: how keyed tasks find a worker. ``"hash"`` (the default): a
+            key always runs on the worker its mmh3 hash picks
+            (:meth:`worker_index`), the same in every process. ``"affinity"``:
+            a key stays on one worker only while it has tasks queued or running
+            there; its next task after that goes to a free worker, or the less
+            busy of two, so a slow or hot key never holds up keys that merely
+            share its hash. Order per key is the same in both.
     """
 
     def __init__(
@@ -82,6 +90,7 @@ class KeyedPoolExecutor:
         initargs: tuple[Any, ...] = (),
         copy_context: bool = True,
         log_unretrieved: bool = True,
+        routing: Routing = "hash",
     ) -> None:
         if max_workers is None:
             max_workers = default_max_workers()
@@ -94,6 +103,11 @@ class KeyedPoolExecutor:
             raise TypeError(f"initializer must be a callable, not {type(initializer).__name__}")
         if not isinstance(thread_name_prefix, str):
             raise TypeError("thread_name_prefix must be a str")
+        if routing not in ("affinity", "hash"):
+            raise ValueError(
+                f"keyedpool: routing must be 'affinity' or 'hash', not {routing!r}"
+            )
+        self._routing = routing
         self._block = on_full == "block"
         self._full_timeout = full_timeout
         self._copy_context = bool(copy_context)
@@ -104,6 +118,7 @@ class KeyedPoolExecutor:
             thread_name_prefix or f"KeyedPool-{next(_pool_numbers)}",
             initializer,
             tuple(initargs),
+            routing,
         )
         # If the executor is dropped without shutdown(), its threads still stop
         # (after finishing what they hold): they hold the Pool, not the executor.
@@ -238,8 +253,25 @@ class KeyedPoolExecutor:
         """The most accepted-but-unfinished tasks the pool holds."""
         return self._pool.max_pending
 
+    @property
+    def routing(self) -> Routing:
+        """How keyed tasks find a worker: ``"hash"`` or ``"affinity"``."""
+        return self._routing
+
     def worker_index(self, key: Key) -> int:
-        """The index of the worker that runs *key*'s tasks: the same in every process and run."""
+        """The index of the worker that runs *key*'s tasks: the same in every process and run.
+
+        Only with ``routing="hash"``. With ``routing="affinity"`` a key has no
+        fixed worker, and this raises ``RuntimeError`` (``stats().top_keys``
+        says where the busiest keys are now).
+        """
+        if self._routing != "hash":
+            raise RuntimeError(
+                "keyedpool: worker_index() needs routing='hash'. This pool uses "
+                "routing='affinity', where a key runs on the worker it was given "
+                "when it last had nothing queued, so it has no fixed worker "
+                "(stats().top_keys shows where the busiest keys are now)"
+            )
         if key is None:
             raise ValueError(
                 "keyedpool: None means no key; such tasks go to any free worker, "

@@ -74,8 +74,11 @@ class Pool:
         thread_name_prefix: str,
         initializer: Callable[..., object] | None,
         initargs: tuple[Any, ...],
+        routing: str = "hash",
     ) -> None:
         self.max_workers = max_workers
+        #: "affinity" or "hash" (see _dispatcher).
+        self.routing_mode = routing
         self.max_pending = max_pending
         self.thread_name_prefix = thread_name_prefix
         self.initializer = initializer
@@ -115,6 +118,9 @@ class Pool:
         self.done_seen = 0
         #: Submits refused with PoolFull.
         self.rejected = 0
+        #: With routing="affinity": how many times a key went to another worker
+        #: than its last one (the dispatcher adds to it as it routes).
+        self.key_moves = 0
         #: Submitters waiting for room (see Worker.room_wanted).
         self.space_wanted = 0
         #: True while the dispatcher waits on ``inbox_ready``.
@@ -300,10 +306,29 @@ class Pool:
             # Submit refuses new tasks once closed: nothing can come after these.
             return tasks, self.closed
 
-    def routed(self) -> None:
-        """Every task the dispatcher took is now on a queue."""
+    def routed(self, moves: int) -> None:
+        """Every task the dispatcher took is now on a queue; *moves* keys changed worker."""
         with self.lock:
             self.routing = 0
+            self.key_moves += moves
+
+    def finished_count(self, index: int) -> int:
+        """How many of the tasks routed to worker *index* it has finished."""
+        worker = self.workers[index]
+        with worker.lock:
+            return worker.finished
+
+    def free_workers(self) -> list[int]:
+        """Indexes of workers that are free for a key: not started, then idle (pop() first).
+
+        Read by the dispatcher. (Whether a worker started is read without the
+        pool's lock; ``start_for_keyed`` checks again under it.)
+        """
+        with self.unkeyed_lock:
+            idle = [worker.index for worker in self.idle]
+        unstarted = [w.index for w in self.workers if w.thread is None]
+        # The longest-idle worker last, so it is taken first.
+        return unstarted[::-1] + idle[::-1]
 
     def give(self, worker: Worker, group: list[Task]) -> None:
         """Put *group* on *worker*'s queue; a worker with work is not idle."""

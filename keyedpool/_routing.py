@@ -1,20 +1,25 @@
-"""Which worker a key belongs to: the routing rule, kept apart from the machinery.
+"""Which worker a key belongs to: the routing rules, kept apart from the machinery.
 
-The rule is ``mmh3.hash(key_bytes(key), seed=0, signed=False) % workers``, where
-``key_bytes`` is the UTF-8 encoding of a ``str`` key, a ``bytes`` key as it is,
-and the decimal digits of an ``int`` key (so ``42`` and ``"42"`` share a worker).
+With ``routing="hash"`` the rule is
+``mmh3.hash(key_bytes(key), seed=0, signed=False) % workers``, where
+``key_bytes`` is the UTF-8 encoding of a ``str`` key, a ``bytes`` key as it
+is, and the decimal digits of an ``int`` key (so ``42`` and ``"42"`` share a worker).
 Only bytes ever reach mmh3: a ``str`` holding a lone surrogate (what
 ``json.loads('"\\ud800"')`` returns) is encoded with ``surrogatepass`` instead
 of failing, so no key a web request can send breaks routing.
 It never uses Python's ``hash()``, which is randomised per process: a key lands on
 the same worker index in every process and every run with the same worker count.
+
+With ``routing="affinity"`` (see ``_dispatcher``) a key with nothing queued
+goes to a free worker, else to the less busy of its two candidate workers
+(:func:`two_choices`), and stays there while it has tasks queued or running.
 """
 
 from __future__ import annotations
 
 import mmh3
 
-__all__ = ["Key", "SEED", "check_key", "key_bytes", "worker_index"]
+__all__ = ["Key", "SEED", "check_key", "key_bytes", "two_choices", "worker_index"]
 
 #: A task key: tasks with equal keys run one at a time, in submit order.
 Key = str | bytes | int
@@ -67,6 +72,18 @@ def key_bytes(key: Key) -> bytes:
         return b"%d" % key
     # A str subclass.
     return str.encode(key, "utf-8", "surrogatepass")
+
+
+def two_choices(data: bytes, workers: int) -> tuple[int, int]:
+    """The two candidate workers of a key (its bytes) under affinity routing.
+
+    The first is the worker ``routing="hash"`` would use; the second, from the
+    hash with another seed, is always another worker (when there are two or more).
+    """
+    first = mmh3_hash(data, SEED, False) % workers
+    if workers == 1:
+        return first, first
+    return first, (first + 1 + mmh3_hash(data, SEED + 1, False) % (workers - 1)) % workers
 
 
 def worker_index(key: Key, workers: int) -> int:

@@ -66,6 +66,12 @@ class PoolStats:
     workers: tuple[WorkerStats, ...]
     #: The keys with the largest backlog, largest first.
     top_keys: tuple[KeyBacklog, ...]
+    #: Keys with tasks queued or running on a worker (with ``routing="affinity"``
+    #: each stays on its worker until they are done).
+    keys_bound: int = 0
+    #: With ``routing="affinity"``: how many times a key's task went to another
+    #: worker than the key's previous task (always 0 with ``routing="hash"``).
+    key_moves: int = 0
 
     def table(self) -> str:
         """The snapshot as a small text table, one row per worker."""
@@ -108,6 +114,7 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
         submitted = pool.accepted + waiting
         in_transit = pool.routing + waiting
         rejected = pool.rejected
+        key_moves = pool.key_moves
     pending = submitted - sum(c[1] + c[2] + c[3] for c in counts)
     with pool.unkeyed_lock:
         unkeyed_backlog = len(pool.unkeyed)
@@ -115,7 +122,7 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
     keys: Counter[Key] = Counter()
     where: dict[Key, int] = {}
     for worker, (backlog, completed, failed, cancelled) in zip(pool.workers, counts, strict=True):
-        if top > 0 and backlog:
+        if backlog:
             queued = _copy_batches(worker)
             batch = worker.batch
             # The unfinished part of the running batch is its tail.
@@ -150,8 +157,10 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
         workers=tuple(workers),
         top_keys=tuple(
             KeyBacklog(key=key, backlog=count, worker=where[key])
-            for key, count in keys.most_common(top)
+            for key, count in (keys.most_common(top) if top > 0 else ())
         ),
+        keys_bound=len(keys),
+        key_moves=key_moves,
     )
 
 

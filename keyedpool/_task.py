@@ -316,7 +316,12 @@ class Task(Future):  # type: ignore[type-arg]
         else:
             placed = self.worker
             if placed is None:
-                placed = worker_index(self.key, pool.max_workers)
+                if pool.routing_mode == "hash":
+                    placed = worker_index(self.key, pool.max_workers)
+                elif self.key == running.key:
+                    # Affinity: the key stays on our worker while its task
+                    # (the caller) runs, so this one will be queued behind it.
+                    placed = me.index
             if placed != me.index:
                 return
             same = self.key == running.key

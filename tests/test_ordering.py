@@ -7,11 +7,15 @@ import threading
 from collections import defaultdict
 from concurrent.futures import wait
 
+import pytest
 from _util import TIMEOUT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keyedpool import KeyedPoolExecutor
+
+#: Order per key must hold with either routing.
+ROUTINGS = pytest.mark.parametrize("routing", ["hash", "affinity"])
 
 
 class Recorder:
@@ -40,9 +44,10 @@ class Recorder:
         return seq
 
 
-def test_one_key_runs_in_submit_order_and_never_overlaps() -> None:
+@ROUTINGS
+def test_one_key_runs_in_submit_order_and_never_overlaps(routing: str) -> None:
     rec = Recorder()
-    with KeyedPoolExecutor(8) as pool:
+    with KeyedPoolExecutor(8, routing=routing) as pool:  # type: ignore[arg-type]
         futures = [pool.submit("order-123", rec.task, "order-123", i) for i in range(2000)]
         wait(futures, timeout=TIMEOUT)
     assert rec.started["order-123"] == list(range(2000))
@@ -50,10 +55,12 @@ def test_one_key_runs_in_submit_order_and_never_overlaps() -> None:
     assert [f.result() for f in futures] == list(range(2000))
 
 
-def test_many_submitting_threads_many_keys_with_random_failures() -> None:
+@ROUTINGS
+def test_many_submitting_threads_many_keys_with_random_failures(routing: str) -> None:
     rec = Recorder()
     threads_count, per_thread = 8, 600
-    pool = KeyedPoolExecutor(16, max_pending=500)  # small: submitters block now and then
+    # max_pending is small: submitters block now and then.
+    pool = KeyedPoolExecutor(16, max_pending=500, routing=routing)  # type: ignore[arg-type]
     futures: list = []
     futures_lock = threading.Lock()
     barrier = threading.Barrier(threads_count)
@@ -89,9 +96,10 @@ def test_many_submitting_threads_many_keys_with_random_failures() -> None:
     assert stats.completed + stats.failed == len(futures)
 
 
-def test_unkeyed_tasks_interleaved_with_keyed_keep_keyed_order() -> None:
+@ROUTINGS
+def test_unkeyed_tasks_interleaved_with_keyed_keep_keyed_order(routing: str) -> None:
     rec = Recorder()
-    with KeyedPoolExecutor(4) as pool:
+    with KeyedPoolExecutor(4, routing=routing) as pool:  # type: ignore[arg-type]
         futures = []
         for i in range(3000):
             futures.append(pool.submit(f"k{i % 10}", rec.task, f"k{i % 10}", i))
@@ -119,9 +127,10 @@ def test_unkeyed_tasks_interleaved_with_keyed_keep_keyed_order() -> None:
     ),
     workers=st.integers(1, 5),
 )
-def test_order_property(ops: list[tuple[object, bool]], workers: int) -> None:
+@ROUTINGS
+def test_order_property(ops: list[tuple[object, bool]], workers: int, routing: str) -> None:
     rec = Recorder()
-    with KeyedPoolExecutor(workers) as pool:
+    with KeyedPoolExecutor(workers, routing=routing) as pool:  # type: ignore[arg-type]
         futures = [pool.submit(key, rec.task, key, i, fail) for i, (key, fail) in enumerate(ops)]
         wait(futures, timeout=TIMEOUT)
     for i, (_key, fail) in enumerate(ops):

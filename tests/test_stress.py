@@ -57,11 +57,15 @@ class Ledger:
         return seq
 
 
-def _round(max_workers: int, max_pending: int, on_full: str) -> None:
+def _round(max_workers: int, max_pending: int, on_full: str, routing: str) -> None:
     ledger = Ledger()
     pool = KeyedPoolExecutor(
-        max_workers, max_pending=max_pending, on_full=on_full, log_unretrieved=False
-    )  # type: ignore[arg-type]
+        max_workers,
+        max_pending=max_pending,
+        on_full=on_full,  # type: ignore[arg-type]
+        log_unretrieved=False,
+        routing=routing,  # type: ignore[arg-type]
+    )
     futures: list[list[Future[Any]]] = [[] for _ in range(SUBMITTERS)]
     refused = [0] * SUBMITTERS
     bad_stats: list[str] = []
@@ -116,19 +120,22 @@ def _round(max_workers: int, max_pending: int, on_full: str) -> None:
     assert ran == len(everything), "a task ran twice or not at all"
 
 
+@pytest.mark.parametrize("routing", ["hash", "affinity"])
 @pytest.mark.parametrize("rounds", [ROUNDS])
-def test_stress_blocking_capacity(rounds: int) -> None:
+def test_stress_blocking_capacity(rounds: int, routing: str) -> None:
     for _ in range(rounds):
-        _round(max_workers=4, max_pending=16, on_full="block")
+        _round(max_workers=4, max_pending=16, on_full="block", routing=routing)
 
 
+@pytest.mark.parametrize("routing", ["hash", "affinity"])
 @pytest.mark.parametrize("rounds", [ROUNDS])
-def test_stress_refusing_capacity(rounds: int) -> None:
+def test_stress_refusing_capacity(rounds: int, routing: str) -> None:
     for _ in range(rounds):
-        _round(max_workers=3, max_pending=8, on_full="raise")
+        _round(max_workers=3, max_pending=8, on_full="raise", routing=routing)
 
 
+@pytest.mark.parametrize("routing", ["hash", "affinity"])
 @pytest.mark.parametrize("rounds", [ROUNDS])
-def test_stress_roomy_pool(rounds: int) -> None:
+def test_stress_roomy_pool(rounds: int, routing: str) -> None:
     for _ in range(rounds):
-        _round(max_workers=8, max_pending=10_000, on_full="block")
+        _round(max_workers=8, max_pending=10_000, on_full="block", routing=routing)

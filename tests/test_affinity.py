@@ -1,0 +1,112 @@
+"""routing="affinity": a key stays on a worker only while it has tasks there.
+
+Order per key is checked for both routing modes in test_ordering.py and
+test_stress.py; here is what affinity adds: a slow or stuck key never holds up
+other keys, keys spread over the workers, and what stats() says about it.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import wait
+
+import pytest
+from _util import TIMEOUT
+
+import keyedpool._dispatcher
+from keyedpool import DeadlockError, KeyedPoolExecutor
+
+
+def test_a_worker_stuck_on_one_key_gets_no_new_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker seems stuck once it finished nothing for _dispatcher.STALLED
+    # seconds while it had work; keys that arrive before that may still queue
+    # behind it. Here "at once", so the test needs no sleep.
+    monkeypatch.setattr(keyedpool._dispatcher, "STALLED", 0.0)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def stuck() -> None:
+        entered.set()
+        release.wait(TIMEOUT)
+
+    with KeyedPoolExecutor(4, routing="affinity", max_pending=20_000) as pool:
+        blocker = pool.submit("stuck", stuck)
+        behind = [pool.submit("stuck", int, i) for i in range(50)]
+        assert entered.wait(TIMEOUT)
+        try:
+            # With routing="hash" about a quarter of these keys would share the
+            # stuck key's worker and wait with it.
+            others = [pool.submit(f"key-{i % 400}", str.upper, "x") for i in range(8000)]
+            done, not_done = wait(others, timeout=TIMEOUT)
+            assert not not_done, f"{len(not_done)} tasks of other keys waited for the stuck key"
+            assert not blocker.done() and not any(f.done() for f in behind)
+            stats = pool.stats()
+            assert stats.top_keys[0].key == "stuck" and stats.top_keys[0].backlog == 51
+        finally:
+            release.set()
+    assert [f.result() for f in behind] == list(range(50))
+
+
+def test_keys_with_nothing_queued_go_to_free_workers() -> None:
+    # One task per key at a time: each key is free again before its next
+    # task, so the work spreads over every worker instead of by hash.
+    with KeyedPoolExecutor(4, routing="affinity") as pool:
+        seen: set[str] = set()
+        lock = threading.Lock()
+        gate = threading.Barrier(4)
+
+        def meet() -> None:
+            gate.wait(TIMEOUT)  # only passes if four tasks run at once
+            with lock:
+                seen.add(threading.current_thread().name)
+
+        # Four keys that routing="hash" would put on fewer than four workers.
+        futures = [pool.submit("same-hash-" + str(i), meet) for i in range(4)]
+        wait(futures, timeout=TIMEOUT)
+        assert all(f.exception() is None for f in futures)
+        assert len(seen) == 4
+
+
+def test_stats_count_bound_keys_and_moves() -> None:
+    release = threading.Event()
+    with KeyedPoolExecutor(2, routing="affinity") as pool:
+        first = pool.submit("a", release.wait, TIMEOUT)
+        pool.submit("a", int, 1)
+        pool.submit("b", int, 2).result(TIMEOUT)
+        stats = pool.stats()
+        assert stats.keys_bound == 1  # "a" (running, and one queued); "b" is done
+        release.set()
+        assert first.result(TIMEOUT) is True
+        # "b" again while another worker is busy or free: it may move; moves
+        # only count keys that went somewhere else, never more than submits.
+        for i in range(20):
+            pool.submit("b", int, i).result(TIMEOUT)
+    final = pool.stats()
+    assert final.keys_bound == 0
+    assert 0 <= final.key_moves <= 20
+
+
+def test_worker_index_needs_hash_routing() -> None:
+    with KeyedPoolExecutor(2, routing="affinity") as pool:
+        assert pool.routing == "affinity"
+        with pytest.raises(RuntimeError, match="routing='hash'"):
+            pool.worker_index("k")
+    with KeyedPoolExecutor(2) as pool:
+        assert pool.routing == "hash"
+        assert pool.worker_index("k") in (0, 1)
+
+
+def test_an_unknown_routing_is_refused() -> None:
+    with pytest.raises(ValueError, match="routing must be 'affinity' or 'hash'"):
+        KeyedPoolExecutor(2, routing="random")  # type: ignore[arg-type]
+
+
+def test_waiting_for_a_later_task_of_the_same_key_raises() -> None:
+    with KeyedPoolExecutor(2, routing="affinity") as pool:
+
+        def waits_for_next() -> None:
+            later = pool.submit("k", int, 1)
+            later.result(TIMEOUT)
+
+        with pytest.raises(DeadlockError):
+            pool.submit("k", waits_for_next).result(TIMEOUT)
