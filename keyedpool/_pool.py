@@ -467,8 +467,9 @@ class Pool:
         """Put *worker* in the idle set now if it has nothing to do; say whether it did.
 
         Called by the worker between the return of an unkeyed call and the
-        resolution of its future. Work that comes later finds it idle and
-        wakes it (``give`` and ``add_unkeyed`` run under the same lock).
+        resolution of its future (not when a done-callback will run on it).
+        Work that comes later finds it idle and wakes it (``give`` and
+        ``add_unkeyed`` run under the same lock).
         """
         with self.unkeyed_lock:
             if self.unkeyed or not worker.queue.empty():

@@ -200,14 +200,23 @@ class Task(Future):  # type: ignore[type-arg]
         """As ``Future.set_exception``; skips the lists that were never made."""
         self._finish(None, exception)
 
-    def _finish(self, result: Any, exception: BaseException | None) -> None:
+    def _finish(
+        self,
+        result: Any,
+        exception: BaseException | None,
+        returned: Callable[[], object] | None = None,
+    ) -> None:
         # Future.set_result / set_exception, line for line, but reading the
-        # lists only if they exist.
+        # lists only if they exist. *returned* (see run) is called before
+        # anyone can see the outcome, and only if no done-callback will run
+        # here: a callback may block, so this thread is not free until it ends.
         condition = self._condition
         condition.acquire()
         try:
             if self._state in _DONE:
                 raise InvalidStateError(f"{self._state}: {self!r}")
+            if returned is not None and not self._callback_list:
+                returned()
             self._result = result
             self._exception = exception
             self._state = FINISHED
@@ -342,9 +351,9 @@ class Task(Future):  # type: ignore[type-arg]
         """Run the call and resolve the future; return how it ended (COMPLETED...).
 
         *returned*, if given, is called after the call returned (or raised) and
-        before the future resolves. A done-callback that raises ``SystemExit``
-        or the like propagates from here; ``outcome`` is set before any
-        callback runs.
+        before the future resolves, unless a done-callback is waiting to run.
+        A done-callback that raises ``SystemExit`` or the like propagates from
+        here; ``outcome`` is set before any callback runs.
         """
         # Future.set_running_or_notify_cancel, for the common case (pending),
         # without the method call; anything else goes through it. (acquire and
@@ -377,16 +386,12 @@ class Task(Future):  # type: ignore[type-arg]
                 self._unretrieved = _Unretrieved(exc, f"task {_describe(fn)} (key={self.key!r})")
             # The traceback keeps this frame alive: drop the call from it too.
             del fn, args, kwargs, context
-            if returned is not None:
-                returned()
             self.outcome = FAILED
-            self.set_exception(exc)
+            self._finish(None, exc, returned)
             self = None  # type: ignore[assignment]  # break exc -> frame -> self
             return FAILED
-        if returned is not None:
-            returned()
         self.outcome = COMPLETED
-        self._finish(result, None)  # set_result, one call fewer
+        self._finish(result, None, returned)  # set_result, one call fewer
         return COMPLETED
 
     def abandon(self, exc: BaseException | None) -> int:

@@ -362,6 +362,26 @@ def test_a_worker_whose_result_was_seen_is_reused_by_the_next_submit(
             assert len(pool._pool.threads) == 1  # worker threads started
 
 
+def test_a_done_callback_waiting_for_a_new_unkeyed_task_does_not_hang() -> None:
+    # A worker becomes free before its future resolves, but not when a
+    # done-callback will run on it: the callback may block, as this one does.
+    for _ in range(20):
+        with KeyedPoolExecutor(2) as pool:
+            go, called = threading.Event(), threading.Event()
+            got: list[int] = []
+
+            def callback(_: object) -> None:
+                got.append(pool.submit(None, int, 7).result(TIMEOUT))
+                called.set()
+
+            task = pool.submit(None, go.wait, TIMEOUT)
+            task.add_done_callback(callback)
+            go.set()
+            assert task.result(TIMEOUT) is True
+            assert called.wait(TIMEOUT)  # (before the pool shuts down)
+        assert got == [7]
+
+
 # -- 9. contextvars do not leak through thread starts -----------------------------------
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
