@@ -456,8 +456,12 @@ class Pool:
         except IndexError:
             pass
         with self.unkeyed_lock:
-            if self.unkeyed:
+            # Not "if self.unkeyed: popleft()": another worker may pop in
+            # between, on the lock-free path above (seen on free-threaded 3.14t).
+            try:
                 return self.unkeyed.popleft()
+            except IndexError:
+                pass
             if worker is not None and worker.queue.empty():
                 worker.idle = True
                 self.idle[worker] = None
