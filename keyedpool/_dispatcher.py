@@ -125,8 +125,6 @@ class Affinity:
         self.bound: dict[Key, tuple[int, int]] = {}
         #: Workers whose thread could not start: never chosen again.
         self.dead: set[int] = set()
-        #: How many times a key went to another worker than its last one.
-        self.moves = 0
         #: Sweep ``bound`` of free keys when it grows past this.
         self.sweep_at = 1024
         # Per batch: each worker's finished count (-1: not read yet), and the
@@ -177,7 +175,6 @@ class Affinity:
                 own[index] = [task]
             else:
                 group.append(task)
-        self.moves += moves
         if len(bound) > self.sweep_at:
             self._sweep()
         _give_all(pool, own, loose, moves)
