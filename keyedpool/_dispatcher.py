@@ -37,15 +37,20 @@ def dispatch(pool: Pool) -> None:
     """The dispatcher thread's loop: route every accepted task, then stop the workers."""
     affinity = Affinity(pool) if pool.routing_mode == "affinity" else None
     while True:
-        tasks, last = pool.take_inbox()
-        if tasks:
-            try:
+        # With affinity, look again now and then while workers have work, for
+        # one that is stuck with tasks queued behind it.
+        tasks, last = pool.take_inbox(None if affinity is None else affinity.next_look())
+        try:
+            if affinity is not None:
+                # First, so that tasks taken back go before newer ones of their key.
+                affinity.rescue()
+            if tasks:
                 if affinity is None:
                     place(pool, tasks)
                 else:
                     affinity.place(tasks)
-            except BaseException:  # pragma: no cover - a bug: keep the pool alive
-                pool.logger.critical("keyedpool: error in the dispatcher", exc_info=True)
+        except BaseException:  # pragma: no cover - a bug: keep the pool alive
+            pool.logger.critical("keyedpool: error in the dispatcher", exc_info=True)
         # Drop our references before we wait: the futures (and their results)
         # must be freed when their callers let go of them, not at the next batch.
         tasks = []
@@ -137,9 +142,55 @@ class Affinity:
         #: probably stuck on one task: a key with a choice goes elsewhere.
         self.seen = [0] * count
         self.progress = [0.0] * count
+        #: When ``rescue`` last looked for stuck workers.
+        self.looked = 0.0
 
-    def place(self, tasks: list[Task]) -> None:
-        """Put *tasks*, in order, on their workers' queues or on the unkeyed queue."""
+    def next_look(self) -> float | None:
+        """How long the dispatcher may wait for tasks before it looks for stuck workers."""
+        if any(sent > seen for sent, seen in zip(self.sent, self.seen, strict=True)):
+            return STALLED / 2  # some worker has (or had, when last seen) work
+        return None
+
+    def rescue(self) -> None:
+        """Move the keys queued behind a stuck task to other workers.
+
+        A worker that has work and finished nothing for ``STALLED`` seconds
+        seems stuck on one task. The tasks queued behind it that are not of
+        that task's key can run elsewhere: take them back and route them
+        again, as if they were new (each key's tasks keep their order, and
+        come before anything newer of the key).
+        """
+        now = monotonic()
+        if now - self.looked < STALLED / 2:
+            return
+        self.looked = self.now = now
+        self.finished = [-1] * len(self.sent)
+        taken: list[Task] = []
+        for worker in self.pool.started_workers():
+            index = worker.index
+            if self.sent[index] > self._finished(index) and self._load(index)[0]:
+                back = self.pool.take_back(worker)
+                if back:
+                    self.sent[index] -= len(back)
+                    taken.extend(back)
+        if not taken:
+            return
+        bound = self.bound
+        keys: set[Key] = {task.key for task in taken if task.key is not None}
+        for key in keys:
+            bound.pop(key, None)
+        # Only the running task's key is left on those workers: each such
+        # key is free once its worker has finished everything routed to it.
+        for key, (index, mark) in bound.items():
+            if mark > self.sent[index]:
+                bound[key] = (index, self.sent[index])
+        self.place(taken, len(keys))
+
+    def place(self, tasks: list[Task], moved: int = 0) -> None:
+        """Put *tasks*, in order, on their workers' queues or on the unkeyed queue.
+
+        *moved*: keys that were taken back from a stuck worker (for ``key_moves``).
+        """
         pool = self.pool
         sent = self.sent
         bound = self.bound
@@ -150,7 +201,7 @@ class Affinity:
         self.now = monotonic()
         own: dict[int, list[Task]] = {}
         loose: list[Task] = []
-        moves = 0
+        moves = moved
         for task in tasks:
             key = task.key
             if key is None:

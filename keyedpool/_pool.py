@@ -292,12 +292,16 @@ class Pool:
 
     # -- dispatcher side ----------------------------------------------------------
 
-    def take_inbox(self) -> tuple[list[Task], bool]:
-        """Wait for accepted tasks and take them all; also say whether they are the last."""
+    def take_inbox(self, timeout: float | None = None) -> tuple[list[Task], bool]:
+        """Wait for accepted tasks and take them all; also say whether they are the last.
+
+        With a *timeout*, the list is empty if none came within it.
+        """
         with self.lock:
             while not self.inbox and not self.closed:
                 self.dispatcher_waiting = True
-                self.inbox_ready.wait()
+                if not self.inbox_ready.wait(timeout) and timeout is not None:
+                    break
             self.dispatcher_waiting = False
             tasks, self.inbox = self.inbox, []
             self.accepted += len(tasks)
@@ -317,6 +321,32 @@ class Pool:
         worker = self.workers[index]
         with worker.lock:
             return worker.finished
+
+    def take_back(self, worker: Worker) -> list[Task]:
+        """Take back what *worker* has queued and not started, except its running key's tasks.
+
+        For the dispatcher (routing="affinity"), when the worker seems stuck on
+        one task: the tasks of other keys can run elsewhere. All of a key's
+        tasks on the worker are taken, in their order, so the key keeps its
+        order wherever it goes next. Under the worker's lock, where it claims
+        each task before it starts it (``Worker.claim``).
+        """
+        taken: list[Task] = []
+        with worker.lock:
+            claimed = worker.claimed
+            keep = claimed.key if claimed is not None else None
+            start = worker.claimed_at + 1
+            for batch, first in [(worker.batch, start), *((b, 0) for b in worker.batches)]:
+                for i in range(first, len(batch)):
+                    task = batch[i]
+                    if task is not None and (keep is None or task.key != keep):
+                        # Not started, and the worker starts only what it
+                        # finds here under this lock: it will skip the slot.
+                        batch[i] = None  # type: ignore[call-overload]
+                        task.worker = None
+                        taken.append(task)
+            worker.routed -= len(taken)
+        return taken
 
     def free_workers(self) -> list[int]:
         """Indexes of workers that are free for a key: not started, then idle (pop() first).
@@ -516,7 +546,8 @@ class Pool:
             for batch in list(worker.batches):
                 reachable.extend(batch)
         for task in reachable:
-            task.cancel()
+            if task is not None:  # a finished or taken-back task's slot
+                task.cancel()
         # A task a worker took off a queue while we looked was missed above:
         # from now on, workers skip what has not started instead of running it.
         with self.lock:

@@ -42,12 +42,16 @@ class Worker:
         self.queue: SimpleQueue[Item] = SimpleQueue()
         #: Batches routed here and not yet taken off the queue, for stats() and
         #: cancel_futures. A deque, whose append and popleft are atomic by
-        #: themselves: the dispatcher appends, this worker pops.
+        #: themselves: the dispatcher appends, this worker pops (under ``lock``,
+        #: so that ``Pool.take_back`` sees every task not started yet).
         self.batches: deque[list[Task]] = deque()
         # Owner: this worker's thread. Others only read them, for stats().
-        #: The batch being run, and the task being run (None between tasks).
-        self.batch: list[Task] = []
+        #: The task being run (None between tasks).
         self.current: Task | None = None
+        # Owner: this worker's thread, which changes it under ``lock`` (so the
+        # dispatcher can read it there); stats() reads it without the lock.
+        #: The batch being run.
+        self.batch: list[Task] = []
         #: Owns the counters below. Each worker has its own, so counting a task
         #: never waits for another worker, nor for submit.
         self.lock = threading.Lock()
@@ -62,6 +66,13 @@ class Worker:
         #: Submitters waiting for room. Each registers in every worker before it
         #: reads the counts, so a task that ends after that read sees it here.
         self.room_wanted = 0
+        #: With routing="affinity", the dispatcher may take back tasks queued
+        #: here that have not started (it puts None in their place in
+        #: ``batch`` or ``batches``; see ``claim`` and ``Pool.take_back``).
+        #: The task of our own queue that runs now (None between them), and
+        #: where it is in ``batch``: what comes after it has not started.
+        self.claimed: Task | None = None
+        self.claimed_at = -1
         # Owner: pool.unkeyed_lock.
         #: True while it is in ``pool.idle`` (asleep on its empty queue, or
         #: about to be: see ``rest``).
@@ -105,6 +116,44 @@ class Worker:
         """
         self.resting = self.pool.rest(self)
 
+    def next_batch(self, batch: list[Task]) -> None:
+        """Start on *batch*, just taken off the queue."""
+        lock = self.lock
+        lock.acquire()
+        try:
+            self.batches.popleft()
+            self.batch = batch
+            self.claimed_at = -1
+        finally:
+            lock.release()
+
+    def end_batch(self) -> None:
+        """The batch is run (or taken back)."""
+        lock = self.lock
+        lock.acquire()
+        try:
+            self.batch = []
+        finally:
+            lock.release()
+
+    def claim(self, position: int) -> Task | None:
+        """Start the task at *position* in ``batch``; ``None`` if the dispatcher took it back.
+
+        Under ``lock``, as ``Pool.take_back`` is: a task is either started
+        here or taken back, never both, and a key's tasks are taken back
+        only while none of them has started here.
+        """
+        lock = self.lock
+        lock.acquire()
+        try:
+            task = self.batch[position]
+            if task is not None:
+                self.claimed = task
+                self.claimed_at = position
+            return task
+        finally:
+            lock.release()
+
     def count(self, outcome: int, own: bool) -> None:
         """Count a task that ended; *own*: it was routed here (not taken from the unkeyed queue).
 
@@ -124,6 +173,7 @@ class Worker:
                 self.failed += 1
             if own:
                 self.finished += 1
+                self.claimed = None
             room_wanted = self.room_wanted
         finally:
             lock.release()
@@ -150,6 +200,9 @@ def work(worker: Worker, pool: Pool) -> None:
     take_unkeyed = pool.take_unkeyed
     run = worker.run
     count = worker.count
+    # Only with affinity routing can the dispatcher take tasks back (hash
+    # routing fixes each key's worker): then each task is claimed first.
+    claim = worker.claim if pool.routing_mode == "affinity" else None
     task: Task | None
 
     while True:
@@ -179,14 +232,15 @@ def work(worker: Worker, pool: Pool) -> None:
                 task = None
                 count(outcome, False)
         elif item:
-            worker.batches.popleft()
-            worker.batch = item
+            worker.next_batch(item)
             for i, task in enumerate(item):
+                if claim is not None and (task := claim(i)) is None:
+                    continue  # taken back: it runs on another worker
                 outcome = run(task)
                 # Let go of the finished task before counting it (see count).
                 item[i] = task = None  # type: ignore[call-overload]
                 count(outcome, True)
-            worker.batch = []
+            worker.end_batch()
         # Drop our references before we sleep, so finished futures (and their
         # results) can be freed as soon as their callers let go of them.
         item = task = None

@@ -47,6 +47,45 @@ def test_a_worker_stuck_on_one_key_gets_no_new_keys(monkeypatch: pytest.MonkeyPa
     assert [f.result() for f in behind] == list(range(50))
 
 
+def test_keys_queued_behind_a_task_that_gets_stuck_move_to_other_workers() -> None:
+    # The keys are routed while the first task still looks healthy (it has
+    # run for less than _dispatcher.STALLED), so some of them queue behind it
+    # on its worker. Once it has finished nothing for that long, the
+    # dispatcher takes them back and runs them elsewhere: every task of the
+    # other keys finishes while the stuck one still runs.
+    release = threading.Event()
+    entered = threading.Event()
+
+    def stuck() -> None:
+        entered.set()
+        release.wait(2 * TIMEOUT)  # longer than the wait below
+
+    order: dict[str, list[int]] = {}
+    lock = threading.Lock()
+
+    def note(key: str, i: int) -> None:
+        with lock:
+            order.setdefault(key, []).append(i)
+
+    with KeyedPoolExecutor(2, routing="affinity", max_pending=20_000) as pool:
+        blocker = pool.submit("stuck", stuck)
+        assert entered.wait(TIMEOUT)
+        try:
+            # With two workers, about half of these keys go to the stuck one.
+            others = [pool.submit(f"key-{i % 40}", note, f"key-{i % 40}", i) for i in range(400)]
+            behind = pool.submit("stuck", int, 7)
+            done, not_done = wait(others, timeout=TIMEOUT)
+            assert not not_done, f"{len(not_done)} tasks of other keys waited for the stuck key"
+            assert not blocker.done() and not behind.done()
+            assert pool.stats().key_moves > 0
+        finally:
+            release.set()
+        assert behind.result(TIMEOUT) == 7
+    for key, seen in order.items():
+        assert seen == sorted(seen), f"{key} ran out of order: {seen}"
+    assert sum(map(len, order.values())) == 400
+
+
 def test_keys_with_nothing_queued_go_to_free_workers() -> None:
     # One task per key at a time: each key is free again before its next
     # task, so the work spreads over every worker instead of by hash.

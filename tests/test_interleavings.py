@@ -430,6 +430,45 @@ def test_an_idle_pool_holds_no_finished_future() -> None:
             assert freed.wait(TIMEOUT), f"key={key!r}: the idle pool still holds the result"
 
 
+def test_cancel_futures_while_a_worker_is_part_way_through_a_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker clears the slot of each task it finished in the batch it runs,
+    # so that the task can be freed; shutdown(cancel_futures=True) once tried
+    # to cancel those empty slots and raised AttributeError.
+    from keyedpool._pool import Pool
+
+    take_inbox = Pool.take_inbox
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def gated(self: Pool, *args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            gate.wait(TIMEOUT)  # so the next three tasks go in one batch
+        return take_inbox(self, *args)
+
+    monkeypatch.setattr(Pool, "take_inbox", gated)
+    first, second, running = threading.Event(), threading.Event(), threading.Event()
+    pool = KeyedPoolExecutor(1)
+    try:
+        pool.submit("k", first.wait, TIMEOUT)
+        done = pool.submit("k", int, 1)
+        blocked = pool.submit("k", lambda: (running.set(), second.wait(TIMEOUT))[1])
+        later = pool.submit("k", int, 3)
+        gate.set()
+        first.set()
+        assert running.wait(TIMEOUT)
+        pool.shutdown(wait=False, cancel_futures=True)
+        assert done.result(TIMEOUT) == 1 and later.cancelled() and not blocked.cancelled()
+    finally:
+        gate.set()
+        first.set()
+        second.set()
+        pool.shutdown(wait=True)
+    assert blocked.result(TIMEOUT) is True
+
+
 # -- 11. a done-callback that raises SystemExit ------------------------------------------
 
 

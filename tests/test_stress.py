@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 from _util import TIMEOUT
 
+import keyedpool._dispatcher
 from keyedpool import KeyedPoolExecutor, PoolFull
+from keyedpool._pool import Pool
 
 ROUNDS = int(os.environ.get("KEYEDPOOL_STRESS_ROUNDS", "60"))
 SUBMITTERS = 4
@@ -27,6 +29,30 @@ PER_SUBMITTER = 300
 
 
 pytestmark = pytest.mark.usefixtures("fast_switching")
+
+#: "affinity-rescue": affinity routing where a worker seems stuck after 2 ms
+#: without finishing a task, so the dispatcher keeps taking queued tasks back
+#: from workers while they claim them (see Pool.take_back).
+ROUTINGS = ["hash", "affinity", "affinity-rescue"]
+
+
+#: How many tasks each take-back moved, over the whole module.
+TAKEN_BACK: list[int] = []
+
+
+def _routing(name: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    if name == "affinity-rescue":
+        monkeypatch.setattr(keyedpool._dispatcher, "STALLED", 0.002)
+        take_back = Pool.take_back
+
+        def counted(self: Pool, worker: Any) -> Any:
+            taken = take_back(self, worker)
+            TAKEN_BACK.append(len(taken))
+            return taken
+
+        monkeypatch.setattr(Pool, "take_back", counted)
+        return "affinity"
+    return name
 
 
 class Ledger:
@@ -120,22 +146,38 @@ def _round(max_workers: int, max_pending: int, on_full: str, routing: str) -> No
     assert ran == len(everything), "a task ran twice or not at all"
 
 
-@pytest.mark.parametrize("routing", ["hash", "affinity"])
+@pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("rounds", [ROUNDS])
-def test_stress_blocking_capacity(rounds: int, routing: str) -> None:
+def test_stress_blocking_capacity(
+    rounds: int, routing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    routing = _routing(routing, monkeypatch)
     for _ in range(rounds):
         _round(max_workers=4, max_pending=16, on_full="block", routing=routing)
 
 
-@pytest.mark.parametrize("routing", ["hash", "affinity"])
+@pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("rounds", [ROUNDS])
-def test_stress_refusing_capacity(rounds: int, routing: str) -> None:
+def test_stress_refusing_capacity(
+    rounds: int, routing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    routing = _routing(routing, monkeypatch)
     for _ in range(rounds):
         _round(max_workers=3, max_pending=8, on_full="raise", routing=routing)
 
 
-@pytest.mark.parametrize("routing", ["hash", "affinity"])
+@pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("rounds", [ROUNDS])
-def test_stress_roomy_pool(rounds: int, routing: str) -> None:
+def test_stress_roomy_pool(
+    rounds: int, routing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    routing = _routing(routing, monkeypatch)
     for _ in range(rounds):
         _round(max_workers=8, max_pending=10_000, on_full="block", routing=routing)
+
+
+def test_the_rescue_runs_took_tasks_back() -> None:
+    # Runs after the stress tests above (pytest keeps the file's order): the
+    # "affinity-rescue" rounds must really have moved tasks, or they tested nothing.
+    if ROUNDS:
+        assert sum(TAKEN_BACK) > 0, f"{len(TAKEN_BACK)} take-backs, none took a task"
