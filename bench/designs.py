@@ -14,6 +14,12 @@ Every design takes ``submit(key, fn, *args, topic=0) -> Future`` and
   without blocking, then block on the one it started at).
 * :class:`HashedSingle`: N single-thread executors, one chosen by the key's
   hash (the Apache BookKeeper ``OrderedExecutor`` style).
+* :class:`Mailboxes`: per-key mailboxes on a ``ThreadPoolExecutor``: a key's
+  tasks wait in its own queue, and while it has any, one drain of that queue
+  runs on whichever thread is free (what a user could write in 30 lines).
+* :class:`RoutedInSubmit`: keyedpool's hash routing done in ``submit``, with
+  keyedpool's own future and a bare queue per thread, and no dispatcher thread:
+  the difference to keyedpool keyed is what the dispatcher costs.
 
 The reference designs (the last three) are small and written to be fair to
 them: the same mmh3 hash as keyedpool, standard ``Future`` objects, no extra
@@ -23,6 +29,7 @@ work per task. They live here, never in ``keyedpool``.
 from __future__ import annotations
 
 import abc
+import collections
 import itertools
 import queue
 import threading
@@ -33,12 +40,15 @@ from typing import Any, ClassVar, cast
 import mmh3
 
 from keyedpool import KeyedPoolExecutor
+from keyedpool._task import Task
 
 __all__ = [
     "DESIGNS",
     "Design",
     "HashedSingle",
     "Key",
+    "Mailboxes",
+    "RoutedInSubmit",
     "KeyedKeyed",
     "KeyedUnkeyed",
     "NoteLiteral",
@@ -366,7 +376,6 @@ class HashedSingle(Design):
         self._submits = [executor.submit for executor in self._executors]
         self._next = itertools.count()
 
-
     def submit(self, key: Key | None, fn: Handler, /, *args: Any, topic: int = 0) -> Future[Any]:
         submits = self._submits
         if key is None:
@@ -383,12 +392,124 @@ class HashedSingle(Design):
             executor.shutdown(wait=True)
 
 
+class Mailboxes(Design):
+    """Per-key mailboxes on a ``ThreadPoolExecutor`` (the hand-written peer).
+
+    ``submit`` appends the task to its key's mailbox; if the key had nothing
+    waiting, it also submits one drain of that mailbox to the thread pool. The
+    drain runs the key's tasks one by one until the mailbox is empty, so a key
+    holds at most one thread, and any free thread can serve any key. Unkeyed
+    tasks go to the thread pool directly.
+    """
+
+    name = "mailboxes"
+    label = "per-key mailboxes"
+    ordered = True
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="bench-mbox")
+        self._lock = threading.Lock()
+        # Owner: _lock. Keys with work, and their waiting tasks.
+        self._boxes: dict[Key, collections.deque[_Work]] = {}
+
+    def submit(self, key: Key | None, fn: Handler, /, *args: Any, topic: int = 0) -> Future[Any]:
+        if key is None:
+            return self._pool.submit(fn, *args)
+        future: Future[Any] = Future()
+        with self._lock:
+            box = self._boxes.get(key)
+            if box is not None:
+                box.append((future, fn, args))
+                return future
+            self._boxes[key] = collections.deque([(future, fn, args)])
+        self._pool.submit(self._drain, key)
+        return future
+
+    def _drain(self, key: Key) -> None:
+        boxes = self._boxes
+        lock = self._lock
+        while True:
+            with lock:
+                box = boxes[key]
+                if not box:
+                    del boxes[key]
+                    return
+                work = box.popleft()
+            _run(*work)
+
+    def lane(self, key: Key | None, topic: int = 0) -> Hashable | None:
+        return key  # a key waits only for its own tasks
+
+    def shutdown(self) -> None:
+        # Drains submit nothing new, so waiting for the pool waits for them all.
+        self._pool.shutdown(wait=True)
+
+
+class RoutedInSubmit(Design):
+    """keyedpool's hash routing without the dispatcher: ``submit`` puts on the worker's queue.
+
+    The same future as keyedpool (its ``Task``), the same hash, a bare
+    ``SimpleQueue`` per thread; threads start with the pool. Unkeyed tasks go
+    round-robin. What keyedpool keyed does beyond this (a dispatcher thread,
+    capacity, starting threads on demand, counts) is what the gap between
+    the two costs.
+    """
+
+    name = "routed-in-submit"
+    label = "routing in submit"
+    ordered = True
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        self._queues: list[queue.SimpleQueue[Task | None]] = [
+            queue.SimpleQueue() for _ in range(workers)
+        ]
+        self._puts = [q.put for q in self._queues]
+        self._next = itertools.count()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._serve, args=(q,), name=f"bench-routed_{i}")
+            for i, q in enumerate(self._queues)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def _serve(inbox: queue.SimpleQueue[Task | None]) -> None:
+        get = inbox.get
+        while (task := get()) is not None:
+            task.run()
+
+    def submit(self, key: Key | None, fn: Handler, /, *args: Any, topic: int = 0) -> Future[Any]:
+        if self._closed:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        # keyedpool's Task wants its pool only to check waits from its own
+        # workers, which never happens here.
+        task = Task(None, key, fn, args, {}, None, False)  # type: ignore[arg-type]
+        index = next(self._next) if key is None else route(key, self._workers)
+        self._puts[index % self._workers](task)
+        return task
+
+    def lane(self, key: Key | None, topic: int = 0) -> Hashable | None:
+        return None if key is None else route(key, self._workers)
+
+    def shutdown(self) -> None:
+        self._closed = True
+        for put in self._puts:
+            put(None)
+        for thread in self._threads:
+            thread.join()
+
+
 #: Every design, in report order.
 DESIGNS: tuple[type[Design], ...] = (
     KeyedKeyed,
     KeyedAffinity,
     KeyedUnkeyed,
     Stdlib,
+    Mailboxes,
+    RoutedInSubmit,
     PerTopic,
     NoteLiteral,
     HashedSingle,
