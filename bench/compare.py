@@ -928,7 +928,7 @@ class Report:
             lines.append(f"- {'PASS' if ok else 'MISS'}: {text}")
 
         base = Stdlib.name
-        keyed = [n for n in ("keyedpool", "keyedpool-affinity") if n in names]
+        keyed = [n for n in ("keyedpool", "keyedpool-hash") if n in names]
         for name in [*keyed, "keyedpool-unkeyed"]:
             if name in names:
                 r = self.tput(name, "noop-uniform").median / self.tput(base, "noop-uniform").median

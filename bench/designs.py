@@ -3,7 +3,8 @@
 Every design takes ``submit(key, fn, *args, topic=0) -> Future`` and
 ``shutdown()`` (which waits until every thread it started has exited):
 
-* :class:`KeyedKeyed`: ``KeyedPoolExecutor``, every task with its key.
+* :class:`KeyedKeyed`: ``KeyedPoolExecutor``, every task with its key (default
+  routing, ``"affinity"``); :class:`KeyedHash`: the same with ``routing="hash"``.
 * :class:`KeyedUnkeyed`: ``KeyedPoolExecutor``, every task with ``key=None``.
 * :class:`Stdlib`: ``concurrent.futures.ThreadPoolExecutor``; orders nothing.
 * :class:`PerTopic`: the design note's "before": one keyed pool per topic,
@@ -47,6 +48,7 @@ __all__ = [
     "Design",
     "HashedSingle",
     "Key",
+    "KeyedHash",
     "Mailboxes",
     "RoutedInSubmit",
     "KeyedKeyed",
@@ -140,7 +142,7 @@ class Design(abc.ABC):
 
 
 class KeyedKeyed(Design):
-    """keyedpool with every task keyed: per-key order."""
+    """keyedpool with every task keyed, default routing ("affinity"): per-key order."""
 
     name = "keyedpool"
     label = "keyedpool keyed"
@@ -155,26 +157,26 @@ class KeyedKeyed(Design):
         return self._submit(key, fn, *args)
 
     def lane(self, key: Key | None, topic: int = 0) -> Hashable | None:
-        return None if key is None else self._pool.worker_index(key)
+        # No fixed worker: only the key's own tasks must wait for one another.
+        return key
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
 
 
-class KeyedAffinity(KeyedKeyed):
-    """keyedpool keyed, ``routing="affinity"``: a key stays on a worker only while it has work."""
+class KeyedHash(KeyedKeyed):
+    """keyedpool keyed, ``routing="hash"``: a key always runs on the worker its hash picks."""
 
-    name = "keyedpool-affinity"
-    label = "keyedpool keyed, affinity"
+    name = "keyedpool-hash"
+    label = "keyedpool keyed, hash"
 
     def __init__(self, workers: int) -> None:
         Design.__init__(self, workers)
-        self._pool = KeyedPoolExecutor(workers, thread_name_prefix="bench-kpa", routing="affinity")
+        self._pool = KeyedPoolExecutor(workers, thread_name_prefix="bench-kph", routing="hash")
         self._submit = self._pool.submit
 
     def lane(self, key: Key | None, topic: int = 0) -> Hashable | None:
-        # No fixed worker: only the key's own tasks must wait for one another.
-        return key
+        return None if key is None else self._pool.worker_index(key)
 
 
 class KeyedUnkeyed(KeyedKeyed):
@@ -505,7 +507,7 @@ class RoutedInSubmit(Design):
 #: Every design, in report order.
 DESIGNS: tuple[type[Design], ...] = (
     KeyedKeyed,
-    KeyedAffinity,
+    KeyedHash,
     KeyedUnkeyed,
     Stdlib,
     Mailboxes,

@@ -69,13 +69,14 @@ class KeyedPoolExecutor:
             failed task whose future is dropped without ``result()`` or
             ``exception()`` having been called, so fire-and-forget work never
             fails silently.
-        routing: how keyed tasks find a worker. ``"hash"`` (the default): a
-            key always runs on the worker its mmh3 hash picks
-            (:meth:`worker_index`), the same in every process. ``"affinity"``:
-            a key stays on one worker only while it has tasks queued or running
-            there; its next task after that goes to a free worker, or the less
-            busy of two, so a slow or hot key never holds up keys that merely
-            share its hash. Order per key is the same in both.
+        routing: how keyed tasks find a worker. ``"affinity"`` (the
+            default): a key stays on one worker only while it has tasks queued
+            or running there; its next task after that goes to a free worker,
+            or the less busy of two, and tasks queued behind a task that seems
+            stuck are moved to other workers, so a slow, hot or stuck key
+            holds up only itself. ``"hash"``: a key always runs on the worker
+            its mmh3 hash picks (:meth:`worker_index`), the same in every
+            process and run. Order per key is the same in both.
     """
 
     def __init__(
@@ -90,7 +91,7 @@ class KeyedPoolExecutor:
         initargs: tuple[Any, ...] = (),
         copy_context: bool = True,
         log_unretrieved: bool = True,
-        routing: Routing = "hash",
+        routing: Routing = "affinity",
     ) -> None:
         if max_workers is None:
             max_workers = default_max_workers()

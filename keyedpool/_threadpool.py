@@ -73,6 +73,7 @@ class ThreadPoolExecutor(StdlibThreadPoolExecutor):
             initargs=initargs,
             copy_context=copy_context,
             log_unretrieved=log_unretrieved,
+            routing="hash",  # no keys here: nothing to route, nothing to watch
         )
         # (StdlibThreadPoolExecutor.__init__ is not called: its queue and
         # threads would never be used.)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import wait
+from typing import Any
 
 import pytest
 from _util import TIMEOUT
@@ -126,11 +127,11 @@ def test_stats_count_bound_keys_and_moves() -> None:
 
 
 def test_worker_index_needs_hash_routing() -> None:
-    with KeyedPoolExecutor(2, routing="affinity") as pool:
-        assert pool.routing == "affinity"
+    with KeyedPoolExecutor(2) as pool:
+        assert pool.routing == "affinity"  # the default
         with pytest.raises(RuntimeError, match="routing='hash'"):
             pool.worker_index("k")
-    with KeyedPoolExecutor(2) as pool:
+    with KeyedPoolExecutor(2, routing="hash") as pool:
         assert pool.routing == "hash"
         assert pool.worker_index("k") in (0, 1)
 
@@ -149,3 +150,131 @@ def test_waiting_for_a_later_task_of_the_same_key_raises() -> None:
 
         with pytest.raises(DeadlockError):
             pool.submit("k", waits_for_next).result(TIMEOUT)
+
+
+# -- the dispatcher's policy, on a stand-in for the pool --------------------------------
+# The tests above run real pools, where which worker a key lands on depends on
+# timing. These drive the dispatcher's routing state (Affinity) directly, with
+# a stand-in for the pool that records what would be queued where and lets the
+# test say what each worker has finished and what time it is. The real
+# take-back, racing real workers, is checked by the stress module.
+
+
+class _Task:
+    def __init__(self, key: str) -> None:
+        self.key: str | None = key
+        self.worker: int | None = None
+
+
+class _Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.thread = object()  # started
+
+
+class _Pool:
+    """What Affinity asks of the pool; worker i's queue is queued[i], finished[i] is done."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = [_Worker(i) for i in range(workers)]
+        self.queued: list[list[_Task]] = [[] for _ in range(workers)]
+        self.finished = [0] * workers
+        self.moves = 0
+
+    def started_workers(self) -> list[_Worker]:
+        return list(self.workers)
+
+    def finished_count(self, index: int) -> int:
+        return self.finished[index]
+
+    def free_workers(self) -> list[int]:
+        return []
+
+    def give(self, worker: _Worker, group: list[_Task]) -> None:
+        self.queued[worker.index].extend(group)
+
+    def add_unkeyed(self, tasks: list[_Task]) -> int:
+        return 0
+
+    def routed(self, moves: int) -> None:
+        self.moves += moves
+
+    def take_back(self, worker: _Worker) -> list[_Task]:
+        # The first unfinished task runs; take the rest that are not of its key.
+        queue = self.queued[worker.index][self.finished[worker.index] :]
+        running = queue[0].key if queue else None
+        taken = [t for t in queue[1:] if t.key != running]
+        self.queued[worker.index] = self.queued[worker.index][: self.finished[worker.index]] + [
+            t for t in queue if t not in taken
+        ]
+        return taken
+
+
+def _affinity(workers: int, now: list[float], monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setattr(keyedpool._dispatcher, "monotonic", lambda: now[0])
+    pool = _Pool(workers)
+    return keyedpool._dispatcher.Affinity(pool), pool  # type: ignore[arg-type]
+
+
+def _others_finish(pool: _Pool, home: int) -> None:
+    # Every worker but *home* has run everything it was given.
+    for i, queue in enumerate(pool.queued):
+        if i != home:
+            pool.finished[i] = len(queue)
+
+
+def _where(pool: _Pool, key: str) -> set[int]:
+    return {i for i, q in enumerate(pool.queued) for t in q[pool.finished[i] :] if t.key == key}
+
+
+def test_policy_keys_behind_a_stuck_task_move_once_it_stalls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    affinity, pool = _affinity(4, now, monkeypatch)
+    affinity.place([_Task("stuck")])
+    (home,) = _where(pool, "stuck")
+    # Ten keys routed in the same moment: some land behind the stuck task.
+    affinity.place([_Task(f"k{i}") for i in range(10)] + [_Task("stuck")])
+    on_home = [t.key for t in pool.queued[home][1:] if t.key != "stuck"]
+    assert on_home, "no key landed behind the stuck task: the test shows nothing"
+    _others_finish(pool, home)
+    now[0] += keyedpool._dispatcher.STALLED / 4
+    affinity.rescue()  # not stalled yet: nothing moves
+    assert [t.key for t in pool.queued[home][1:] if t.key != "stuck"] == on_home
+    now[0] += keyedpool._dispatcher.STALLED * 2
+    affinity.rescue()
+    assert [t.key for t in pool.queued[home]] == ["stuck", "stuck"]  # only its own key stays
+    for key in on_home:
+        assert key is not None and _where(pool, key) and home not in _where(pool, key)
+    assert pool.moves == len(set(on_home))
+
+
+def test_policy_an_overloaded_worker_sheds_its_other_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    affinity, pool = _affinity(8, now, monkeypatch)
+    affinity.place([_Task("hot")])
+    (home,) = _where(pool, "hot")
+    # The hot key's worker gets 30 more tasks of other keys queued behind it
+    # (as when they were routed while it looked idle), the rest one each.
+    crowd = [_Task(f"c{i}") for i in range(30)]
+    pool.give(pool.workers[home], crowd)  # type: ignore[arg-type]
+    affinity.sent[home] += len(crowd)
+    for task in crowd:
+        affinity.bound[task.key] = affinity.sent[home] * 8 + home
+    for i in range(8):
+        if i != home:
+            affinity.place([_Task(f"solo{i}")])
+    _others_finish(pool, home)
+    now[0] += keyedpool._dispatcher.STALLED  # time to look again
+    affinity.progress[home] = now[0]  # it finished a task just now: not stuck
+    affinity.rescue()
+    # Re-routed like new keys: spread over the workers by load, the hot
+    # worker getting no more than its share again.
+    assert len(pool.queued[home]) <= 1 + 30 // 8 + 1 < 31
+    assert pool.queued[home][0].key == "hot"
+    for task in crowd:
+        assert task.key is not None and len(_where(pool, task.key)) == 1
+    assert sum(len(q) for q in pool.queued) == 1 + 30 + 7  # nothing lost or doubled

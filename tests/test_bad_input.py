@@ -9,7 +9,7 @@ from keyedpool import KeyedPoolExecutor
 
 @pytest.fixture
 def pool():  # type: ignore[no-untyped-def]
-    with KeyedPoolExecutor(2) as p:
+    with KeyedPoolExecutor(2, routing="hash") as p:  # worker_index() needs "hash"
         yield p
 
 

@@ -41,7 +41,7 @@ from keyedpool.contrib._consumer import shard_of  # (no broker client needed)
 def test_a_key_with_a_lone_surrogate_routes_and_shards() -> None:
     key = json.loads('"user-\\ud800"')  # what a web request can send
     assert key_bytes(key) == key.encode("utf-8", "surrogatepass")
-    with KeyedPoolExecutor(4) as pool:
+    with KeyedPoolExecutor(4, routing="hash") as pool:
         assert pool.submit(key, str.upper, "ok").result(TIMEOUT) == "OK"
         assert pool.worker_index(key) == mmh3.hash(key_bytes(key), 0, False) % 4
     assert shard_of(key, 8) == (mmh3.hash(key_bytes(key), 0, False) * 8) >> 32
@@ -196,7 +196,7 @@ def test_a_worker_that_cannot_start_does_not_stop_the_pool(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     _refuse_threads(monkeypatch, lambda name: name == "refused_1")
-    with KeyedPoolExecutor(2, thread_name_prefix="refused") as pool:
+    with KeyedPoolExecutor(2, thread_name_prefix="refused", routing="hash") as pool:
         keys = [f"k{i}" for i in range(40)]
         assert {pool.worker_index(k) for k in keys} == {0, 1}
         with caplog.at_level(logging.ERROR, logger="keyedpool"):
@@ -310,7 +310,7 @@ def test_keyboard_interrupts_anywhere_in_submit_lose_nothing() -> None:
 def test_unkeyed_task_runs_while_the_other_worker_is_busy(fast_switching: None) -> None:
     for _ in range(100):
         release = threading.Event()
-        with KeyedPoolExecutor(3) as pool:
+        with KeyedPoolExecutor(3, routing="hash") as pool:
             busy_key = "busy"
             other = next(
                 k
@@ -337,7 +337,7 @@ def test_unkeyed_task_whose_new_worker_got_keyed_work_runs_on_another(
     # worker must start and take the unkeyed task, not wait behind the key.
     for _ in range(50):
         release = threading.Event()
-        with KeyedPoolExecutor(2) as pool:
+        with KeyedPoolExecutor(2, routing="hash") as pool:
             key = next(k for k in (f"k{i}" for i in range(100)) if pool.worker_index(k) == 0)
             busy = pool.submit(key, release.wait, TIMEOUT)
             behind = [pool.submit(key, int, n) for n in range(5)]
@@ -514,7 +514,7 @@ def test_a_task_waiting_for_a_later_task_of_its_key_raises() -> None:
 
 
 def test_a_task_waiting_for_a_key_that_shares_its_worker_raises() -> None:
-    with KeyedPoolExecutor(4) as pool:
+    with KeyedPoolExecutor(4, routing="hash") as pool:  # keys share a worker only by hash
         mine = "k0"
         neighbour = next(
             k

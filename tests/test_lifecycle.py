@@ -33,7 +33,7 @@ def test_shutdown_wait_drains_and_leaves_no_thread() -> None:
 
 
 def test_thread_names_show_prefix_and_worker_index() -> None:
-    with KeyedPoolExecutor(3, thread_name_prefix="mail") as pool:
+    with KeyedPoolExecutor(3, thread_name_prefix="mail", routing="hash") as pool:
         names = {
             pool.submit(k, lambda: threading.current_thread().name).result() for k in range(30)
         }
@@ -126,8 +126,10 @@ def test_initializer_runs_once_in_each_worker_thread() -> None:
         with lock:
             seen.append(threading.current_thread().name)
 
+    # routing="hash", so that 20 keys, one at a time, start all three threads
+    # (with affinity, each would reuse the one idle worker).
     with KeyedPoolExecutor(
-        3, initializer=init, initargs=("ready",), thread_name_prefix="ini"
+        3, initializer=init, initargs=("ready",), thread_name_prefix="ini", routing="hash"
     ) as pool:
         tags = [pool.submit(k, lambda: local.tag).result() for k in range(20)]
     assert sorted(seen) == ["ini_0", "ini_1", "ini_2"]

@@ -1,4 +1,7 @@
-"""One stuck key never holds up tasks that do not share its worker, keyed or not."""
+"""routing="hash": one stuck key never holds up tasks that do not share its worker, keyed or not.
+
+(With the default, routing="affinity", it holds up no other key at all: see test_affinity.py.)
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from keyedpool import KeyedPoolExecutor
 
 def test_stuck_key_does_not_stop_other_workers_or_unkeyed_tasks() -> None:
     release = threading.Event()
-    pool = KeyedPoolExecutor(4)
+    pool = KeyedPoolExecutor(4, routing="hash")
     try:
         stuck = "stuck-aggregate"
         stuck_worker = pool.worker_index(stuck)
@@ -46,7 +49,7 @@ def test_unkeyed_task_goes_to_the_idle_worker_not_behind_a_busy_one() -> None:
     # tasks follow, each must run on the free worker B, never behind A.
     release = threading.Event()
     started = threading.Event()
-    with KeyedPoolExecutor(2) as pool:
+    with KeyedPoolExecutor(2, routing="hash") as pool:
 
         def block() -> str:
             started.set()
@@ -65,7 +68,7 @@ def test_unkeyed_task_goes_to_the_idle_worker_not_behind_a_busy_one() -> None:
 
 def test_unkeyed_tasks_wait_while_every_worker_is_busy_then_run() -> None:
     release = threading.Event()
-    with KeyedPoolExecutor(2) as pool:
+    with KeyedPoolExecutor(2, routing="hash") as pool:
         keys = [f"k{i}" for i in range(20)]
         # Block both workers, with keys of each.
         chosen = [next(k for k in keys if pool.worker_index(k) == w) for w in (0, 1)]

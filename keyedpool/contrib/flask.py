@@ -46,6 +46,7 @@ Configuration (``app.config``, read by ``init_app``):
 * ``KEYEDPOOL_FULL_TIMEOUT``: with ``"block"``, seconds to wait for room before raising
   :class:`keyedpool.PoolFull` (default ``None``: wait as long as it takes);
 * ``KEYEDPOOL_THREAD_NAME_PREFIX``: thread names (default ``"keyedpool-<app name>"``);
+* ``KEYEDPOOL_ROUTING``: ``"affinity"`` (default) or ``"hash"`` (a fixed worker per key);
 * ``KEYEDPOOL_MAX_STORED_JOBS``: how many jobs ``submit_stored`` remembers (default 1000).
 """
 
@@ -73,6 +74,7 @@ _CONFIG_KEYS = {
     "on_full": "KEYEDPOOL_ON_FULL",
     "full_timeout": "KEYEDPOOL_FULL_TIMEOUT",
     "thread_name_prefix": "KEYEDPOOL_THREAD_NAME_PREFIX",
+    "routing": "KEYEDPOOL_ROUTING",
 }
 
 __all__ = ["CONFIG_DEFAULTS", "Job", "KeyedPool", "StoredJobs", "job_status"]
@@ -87,6 +89,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "KEYEDPOOL_ON_FULL": "block",
     "KEYEDPOOL_FULL_TIMEOUT": None,
     "KEYEDPOOL_THREAD_NAME_PREFIX": None,
+    "KEYEDPOOL_ROUTING": "affinity",
     "KEYEDPOOL_MAX_STORED_JOBS": 1000,
 }
 
@@ -511,6 +514,7 @@ def _make_executor(config: Any, app_name: str) -> KeyedPoolExecutor:
             on_full=config["KEYEDPOOL_ON_FULL"],
             full_timeout=config["KEYEDPOOL_FULL_TIMEOUT"],
             thread_name_prefix=f"keyedpool-{app_name}" if prefix is None else prefix,
+            routing=config["KEYEDPOOL_ROUTING"],
             copy_context=True,  # the submitter's contextvars must reach the task
         )
     except (TypeError, ValueError) as exc:

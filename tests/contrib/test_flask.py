@@ -369,6 +369,7 @@ def test_pool_threads_start_with_the_first_submit(app: Flask, pool: KeyedPool) -
         ({"KEYEDPOOL_ON_FULL": "drop"}, ValueError, "KEYEDPOOL_ON_FULL"),
         ({"KEYEDPOOL_FULL_TIMEOUT": "1"}, TypeError, "KEYEDPOOL_FULL_TIMEOUT"),
         ({"KEYEDPOOL_MAX_STORED_JOBS": 0}, ValueError, "KEYEDPOOL_MAX_STORED_JOBS"),
+        ({"KEYEDPOOL_ROUTING": "fast"}, ValueError, "KEYEDPOOL_ROUTING"),
     ],
 )
 def test_bad_config_is_reported_at_init_app(
@@ -377,6 +378,13 @@ def test_bad_config_is_reported_at_init_app(
     app = make_app(**config)
     with pytest.raises(error, match=message):
         KeyedPool(app)
+
+
+def test_routing_follows_the_config() -> None:
+    assert KeyedPool(make_app("routed")).executor.routing == "affinity"  # the default
+    hashed = KeyedPool(make_app("hashed", KEYEDPOOL_ROUTING="hash"))
+    assert hashed.executor.routing == "hash"
+    assert hashed.executor.worker_index("k") in range(4)
 
 
 def test_bad_input_is_refused(app: Flask, pool: KeyedPool) -> None:

@@ -32,6 +32,14 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 #: start on demand with the standard names, as in the standard pool.
 PRIVATE: set[str] = set()
 
+#: Tests that are racy in CPython's own suite before 3.14, for the standard pool
+#: as much as for ours: ``test_free_reference`` checks that a result is freed
+#: the moment the caller drops it, while the worker thread that just set it may
+#: not have dropped its own reference yet. CPython 3.14 made the test wait for
+#: that (``support.sleeping_retry``); on older versions a failure is run again,
+#: up to three times, and only a failure every time counts.
+RACY_BEFORE_314 = {"test_free_reference"}
+
 
 def main() -> int:
     if os.environ.get("KEYEDPOOL_AS_STDLIB") != "1":
@@ -71,6 +79,15 @@ def main() -> int:
     verbosity = 2 if "-v" in sys.argv else 1
     result = unittest.TextTestRunner(verbosity=verbosity).run(selected)
     bad = [t for t, _ in result.failures + result.errors]
+    if sys.version_info < (3, 14):
+        for test in [t for t in bad if t._testMethodName in RACY_BEFORE_314]:
+            for attempt in range(3):
+                again = unittest.TestResult()
+                test.run(again)
+                if again.wasSuccessful():
+                    print(f"{test.id()}: failed once, passed on try {attempt + 2} (racy upstream)")
+                    bad.remove(test)
+                    break
     unexpected = [t for t in bad if t._testMethodName not in PRIVATE]
     print(
         f"\nran {result.testsRun} thread-pool tests of CPython {sys.version.split()[0]}: "

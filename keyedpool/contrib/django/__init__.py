@@ -9,6 +9,7 @@ the pool in settings (every key is optional)::
         "ON_FULL": "block",         # or "raise" (keyedpool.PoolFull)
         "FULL_TIMEOUT": None,       # seconds a full pool makes submit wait, then PoolFull
         "THREAD_NAME_PREFIX": "keyedpool-django",
+        "ROUTING": "affinity",      # or "hash": a fixed worker per key
     }
 
 Then, in a view::

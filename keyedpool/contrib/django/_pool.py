@@ -45,6 +45,7 @@ _OPTIONS = {
     "ON_FULL": "on_full",
     "FULL_TIMEOUT": "full_timeout",
     "THREAD_NAME_PREFIX": "thread_name_prefix",
+    "ROUTING": "routing",
 }
 
 

@@ -620,8 +620,8 @@ def check_a_slow_key_does_not_stop_the_others(
     from keyedpool import KeyedPoolExecutor
     from keyedpool.contrib._consumer import shard_of
 
-    pool = KeyedPoolExecutor(4)
-    # Keys on the slow key's worker wait behind it (a worker runs one handler
+    pool = KeyedPoolExecutor(4, routing="hash")
+    # routing="hash": keys on the slow key's worker wait behind it (a worker runs one handler
     # at a time); every other key, including those in the slow key's shard,
     # keeps going.
     others = [k for k in keys if pool.worker_index(k) != pool.worker_index("slow")][:30]

@@ -241,6 +241,13 @@ def test_pool_is_created_lazily_once_and_follows_the_setting(sqlite_db: str) -> 
     assert get_pool().max_workers == 4  # back to the project's setting
 
 
+def test_routing_follows_the_setting(sqlite_db: str) -> None:
+    assert get_pool().routing == "affinity"  # the default
+    with override_settings(KEYEDPOOL={"MAX_WORKERS": 2, "ROUTING": "hash"}):
+        assert get_pool().routing == "hash"
+        assert get_pool().worker_index("k") in (0, 1)
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
@@ -248,6 +255,7 @@ def test_pool_is_created_lazily_once_and_follows_the_setting(sqlite_db: str) -> 
         ({"MAX_WORKERS": "8"}, "MAX_WORKERS"),
         ({"ON_FULL": "drop"}, "ON_FULL"),
         ({"FULL_TIMEOUT": -1}, "FULL_TIMEOUT"),
+        ({"ROUTING": "fast"}, "ROUTING"),
         ({"WORKERS": 8}, "unknown keys"),
         (["MAX_WORKERS", 8], "must be a dict"),
     ],

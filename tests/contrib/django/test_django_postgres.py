@@ -10,7 +10,9 @@ from collections.abc import Iterable
 
 import pytest
 from _util import wait_until
+from django.conf import settings
 from django.db import OperationalError, connections
+from django.test import override_settings
 
 from keyedpool.contrib.django import get_pool, shutdown, submit
 
@@ -90,6 +92,13 @@ def test_conn_max_age_0_closes_the_connection_after_each_task(
     "conn_max_age", [(None, True), (None, False)], indirect=True, ids=["health-checks", "no-checks"]
 )
 def test_broken_connections_are_replaced(pg_ready: str, conn_max_age: None) -> None:
+    # Each key must come back to the worker whose connection was killed: a
+    # fixed worker per key, routing="hash" (a new setting gives a new pool).
+    with override_settings(KEYEDPOOL={**settings.KEYEDPOOL, "ROUTING": "hash"}):
+        _broken_connections_are_replaced()
+
+
+def _broken_connections_are_replaced() -> None:
     keys = _keys_one_per_worker()
     before = {key: submit(key, _count_and_pid).result(WAIT)[1] for key in keys}
     with connections[ALIAS].cursor() as cursor:
