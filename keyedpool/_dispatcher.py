@@ -174,21 +174,24 @@ class Affinity:
         newer of the key).
         """
         now = monotonic()
-        if now - self.looked < STALLED / 2:
-            return
+        if now - self.looked < STALLED / 2 or len(self.sent) == 1:
+            return  # (with one worker, there is nowhere else to go)
         self.looked = self.now = now
         self.finished = [-1] * len(self.sent)
         workers = self.pool.started_workers()
         backlog = {w.index: self.sent[w.index] - self._finished(w.index) for w in workers}
+        stuck = {i for i, queued in backlog.items() if queued > 0 and self._load(i)[0]}
+        if len(stuck) == len(workers) and len(self.dead) + len(workers) == len(self.sent):
+            return  # every worker seems stuck, and none can start: nowhere better to go
         total = sum(backlog.values())
         others = max(1, len(workers) - 1)
+        floor, ratio = OVERLOADED
         taken: list[Task] = []
         for worker in workers:
             index = worker.index
             queued = backlog[index]
-            floor, ratio = OVERLOADED
             crowded = queued > floor and queued > ratio * (total - queued) / others
-            if crowded or (queued > 0 and self._load(index)[0]):
+            if crowded or index in stuck:
                 back = self.pool.take_back(worker)
                 if back:
                     self.sent[index] -= len(back)

@@ -278,3 +278,28 @@ def test_policy_an_overloaded_worker_sheds_its_other_keys(
     for task in crowd:
         assert task.key is not None and len(_where(pool, task.key)) == 1
     assert sum(len(q) for q in pool.queued) == 1 + 30 + 7  # nothing lost or doubled
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_policy_nothing_moves_when_there_is_nowhere_better(
+    monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    # One worker, or every worker stuck with work queued: taking tasks back
+    # would only put them back where they were, again and again.
+    now = [100.0]
+    affinity, pool = _affinity(workers, now, monkeypatch)
+    affinity.place([_Task(f"k{i}") for i in range(60)])
+    assert all(pool.queued)  # every worker has work, and none finishes any
+    taken: list[int] = []
+    take_back = pool.take_back
+
+    def counted(worker: _Worker) -> list[_Task]:
+        back = take_back(worker)
+        taken.append(len(back))
+        return back
+
+    monkeypatch.setattr(pool, "take_back", counted)
+    for _ in range(5):
+        now[0] += keyedpool._dispatcher.STALLED
+        affinity.rescue()
+    assert taken == []
