@@ -1,4 +1,4 @@
-"""``python -m keyedpool``: the design note's scenario, run and checked.
+"""``python -m keyedpool``: an event-processing scenario, run and checked.
 
 Three topics (orders, payments, shipments) carry events of aggregates such as
 ``order-17``; a fourth carries notifications with no aggregate. All share one
@@ -9,6 +9,7 @@ submitted, and compares the thread count with one 1024-thread pool per topic.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import threading
 import time
@@ -18,13 +19,16 @@ from concurrent.futures import wait
 from ._executor import KeyedPoolExecutor
 
 TOPICS = ("orders", "payments", "shipments")
-PER_TOPIC_WORKERS = 1024  # the design note's "before": one keyed pool per topic
+PER_TOPIC_WORKERS = 1024  # the alternative it is compared with: one keyed pool per topic
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m keyedpool",
-        description="Run the design note's scenario on one shared KeyedPoolExecutor.",
+        description=(
+            "Run an event-processing scenario on one shared KeyedPoolExecutor: events of "
+            "three topics, in order per aggregate, plus unordered notifications."
+        ),
     )
     parser.add_argument("--workers", type=int, default=32, help="worker threads (default 32)")
     parser.add_argument("--events", type=int, default=20_000, help="aggregate events (20000)")
@@ -33,10 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--io-ms", type=float, default=1.0, help="blocking I/O per handler, in ms (1.0)"
     )
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--seed", type=int, default=1, help="seed of the random event stream (1)"
+    )
     args = parser.parse_args(argv)
     if args.workers <= 0 or args.events < 0 or args.aggregates <= 0 or args.notifications < 0:
         parser.error("--workers and --aggregates must be > 0; counts must be >= 0")
+    if not math.isfinite(args.io_ms) or args.io_ms < 0:
+        parser.error(f"--io-ms must be a finite number of milliseconds >= 0, not {args.io_ms:g}")
 
     rnd = random.Random(args.seed)
     io = args.io_ms / 1000
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             unkeyed_left -= 1
 
     before = threading.active_count()
-    print("keyedpool demo: the design note's scenario, on one shared pool")
+    print("keyedpool demo: ordered events and unordered notifications, on one shared pool")
     print(
         f"  {len(TOPICS)} topics of aggregate events + 1 topic of notifications; "
         f"{args.events} events over {args.aggregates} aggregates, "
@@ -102,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         f"lost: {lost}; failed: {len(failures)}"
     )
     print(
-        f"  threads: {threads} ({args.workers} workers + 1 dispatcher) against "
-        f"{per_topic} for one {PER_TOPIC_WORKERS}-thread pool per topic "
-        f"({1 - threads / per_topic:.1%} fewer)"
+        f"  threads: {threads} (the dispatcher and {threads - 1} of {args.workers} workers, "
+        f"which start on demand) against {per_topic} for one {PER_TOPIC_WORKERS}-thread "
+        f"pool per topic ({1 - threads / per_topic:.1%} fewer)"
     )
     print("  stats() right after the last submit:")
     print("    " + busy.table().replace("\n", "\n    "))

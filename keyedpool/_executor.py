@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -165,7 +166,7 @@ class KeyedPoolExecutor:
         else:
             block = on_full == "block"
             timeout = full_timeout
-        _check_on_full(on_full or "block", full_timeout)
+        _check_on_full(on_full or ("block" if self._block else "raise"), full_timeout)
         return self._submit(key, fn, tuple(args), dict(kwargs or {}), block, timeout)
 
     def _submit(
@@ -358,5 +359,14 @@ def _check_on_full(on_full: object, full_timeout: object) -> None:
             raise TypeError(
                 f"full_timeout must be a number of seconds or None, not {full_timeout!r}"
             )
-        if full_timeout < 0:
-            raise ValueError("full_timeout must be >= 0")
+        if not math.isfinite(full_timeout) or full_timeout < 0:
+            raise ValueError(
+                f"full_timeout must be a finite number of seconds >= 0, not {full_timeout!r} "
+                "(None waits as long as it takes)"
+            )
+        if on_full == "raise":
+            # A submit that raises at once never waits: a timeout would be ignored.
+            raise ValueError(
+                "full_timeout only applies with on_full='block' (how long submit waits "
+                "for room); with on_full='raise' submit never waits"
+            )

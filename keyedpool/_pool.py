@@ -252,12 +252,18 @@ class Pool:
             self.space.notify()
 
     def _full_message(self, waited: str) -> str:
+        # *waited*: "" for a submit that did not wait (on_full="raise"), else
+        # how long it waited (full_timeout): the advice differs.
+        wait = (
+            "Wait longer (a larger full_timeout, or None to wait as long as it takes)"
+            if waited
+            else "Let submit wait for room (on_full='block')"
+        )
         return (
             f"keyedpool: the pool is full{waited}: "
             f"{self.accepted + len(self.inbox) - self.done_seen} tasks "
-            f"are pending and max_pending is {self.max_pending}. Let submit wait for room "
-            "(on_full='block'), raise max_pending, or add workers if the handlers "
-            "are the bottleneck"
+            f"are pending and max_pending is {self.max_pending}. {wait}, raise "
+            "max_pending, or add workers if the handlers are the bottleneck"
         )
 
     def _maybe_start_for_unkeyed(self) -> None:

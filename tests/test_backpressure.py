@@ -30,6 +30,7 @@ def test_raise_at_once_when_full_and_nothing_is_lost() -> None:
             pool.submit("late", int, 1)
         message = str(info.value)
         assert "max_pending is 5" in message and "raise max_pending" in message
+        assert "on_full='block'" in message  # this caller did not wait: it may
         stats = pool.stats()
         assert (stats.submitted, stats.rejected, stats.pending) == (5, 1, 5)
     finally:
@@ -44,8 +45,11 @@ def test_block_with_timeout_raises_pool_full() -> None:
     pool = KeyedPoolExecutor(2, max_pending=3, full_timeout=0.05)
     try:
         fill(pool, release, 3)
-        with pytest.raises(PoolFull, match="waited 0.05 s"):
+        with pytest.raises(PoolFull, match="waited 0.05 s") as info:
             pool.submit("late", int, 1)
+        # It did wait: the advice is to wait longer, not to start waiting.
+        assert "larger full_timeout" in str(info.value)
+        assert "on_full='block'" not in str(info.value)
     finally:
         release.set()
         pool.shutdown()

@@ -61,8 +61,20 @@ def test_bad_max_pending(value: int) -> None:
 def test_bad_backpressure_settings() -> None:
     with pytest.raises(ValueError, match="on_full must be 'block' or 'raise'"):
         KeyedPoolExecutor(2, on_full="drop")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="full_timeout must be >= 0"):
+    with pytest.raises(ValueError, match="full_timeout must be a finite number of seconds >= 0"):
         KeyedPoolExecutor(2, full_timeout=-1)
+    with pytest.raises(ValueError, match="full_timeout must be a finite number"):
+        KeyedPoolExecutor(2, full_timeout=float("nan"))
+    # With on_full="raise" submit never waits: a timeout would be silently ignored.
+    with pytest.raises(ValueError, match="only applies with on_full='block'"):
+        KeyedPoolExecutor(2, on_full="raise", full_timeout=1)
+    with KeyedPoolExecutor(2, on_full="raise") as refusing:
+        with pytest.raises(ValueError, match="only applies with on_full='block'"):
+            refusing.submit_with("k", print, full_timeout=1)
+        with pytest.raises(ValueError, match="only applies with on_full='block'"):
+            refusing.submit_with("k", print, on_full="raise", full_timeout=1)
+        assert refusing.submit_with("k", int, ("7",), on_full="block", full_timeout=1).result() == 7
+        assert refusing.stats().submitted == 1  # nothing refused was accepted
     with pytest.raises(TypeError, match="initializer must be a callable"):
         KeyedPoolExecutor(2, initializer="setup")  # type: ignore[arg-type]
 

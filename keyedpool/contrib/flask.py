@@ -52,6 +52,7 @@ Configuration (``app.config``, read by ``init_app``):
 
 from __future__ import annotations
 
+import difflib
 import functools
 import io
 import os
@@ -279,6 +280,7 @@ class KeyedPool:
                 "keyedpool: a KeyedPool is already registered on this app; "
                 "use that one (app.extensions['keyedpool'].owner)"
             )
+        _check_config_keys(app.config)
         state = _AppState(self, app)
         app.extensions[_EXTENSION] = state
         with self._states_lock:
@@ -502,6 +504,20 @@ def _hide_request_context() -> None:
 
 
 # -- configuration ----------------------------------------------------------------
+
+
+def _check_config_keys(config: Any) -> None:
+    """A misspelt ``KEYEDPOOL_*`` key would silently leave its setting at the default."""
+    unknown = sorted(k for k in config if k.startswith("KEYEDPOOL_") and k not in CONFIG_DEFAULTS)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(CONFIG_DEFAULTS), n=1)
+            hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+        raise ValueError(
+            f"keyedpool: unknown config keys: {', '.join(hints)}; "
+            f"the keys are {', '.join(CONFIG_DEFAULTS)}"
+        )
 
 
 def _make_executor(config: Any, app_name: str) -> KeyedPoolExecutor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import io
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -378,6 +379,16 @@ def test_bad_config_is_reported_at_init_app(
     app = make_app(**config)
     with pytest.raises(error, match=message):
         KeyedPool(app)
+
+
+def test_a_misspelt_config_key_is_reported_at_init_app() -> None:
+    # Django rejects unknown KEYEDPOOL keys; a Flask typo must not silently
+    # leave the setting at its default either.
+    app = make_app("typo", KEYEDPOOL_MAX_WORKER=8)
+    hint = "KEYEDPOOL_MAX_WORKER (did you mean KEYEDPOOL_MAX_WORKERS?)"
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        KeyedPool(app)
+    assert "keyedpool" not in app.extensions
 
 
 def test_routing_follows_the_config() -> None:
