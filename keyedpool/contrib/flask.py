@@ -63,6 +63,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
+from keyedpool.contrib import _require
+
+_require("flask", "flask", "keyedpool.contrib.flask")
+
 import flask
 from flask import Flask, current_app, has_app_context, has_request_context
 

@@ -71,6 +71,10 @@ from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
+from keyedpool.contrib import _require
+
+_require("confluent_kafka", "kafka", "keyedpool.contrib.kafka")
+
 from confluent_kafka import (
     Consumer,
     KafkaError,

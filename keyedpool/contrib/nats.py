@@ -80,6 +80,10 @@ from dataclasses import dataclass, field
 from time import monotonic
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from keyedpool.contrib import _require
+
+_require("nats", "nats", "keyedpool.contrib.nats")
+
 import nats
 import nats.errors
 import nats.js.errors

@@ -60,6 +60,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from keyedpool.contrib import _require
+
+_require("redis", "redis", "keyedpool.contrib.redis")
+
 import redis
 
 from keyedpool import Key, KeyedPoolExecutor

@@ -38,6 +38,10 @@ For Django's Tasks framework, see :mod:`keyedpool.contrib.django.tasks`.
 
 from __future__ import annotations
 
+from keyedpool.contrib import _require
+
+_require("django", "django", "keyedpool.contrib.django")
+
 from ._pool import get_pool, shutdown, submit, submit_on_commit
 
 __all__ = ["get_pool", "shutdown", "submit", "submit_on_commit"]
