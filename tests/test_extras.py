@@ -16,6 +16,7 @@ import pytest
         ("keyedpool.contrib.kafka", "confluent_kafka", "kafka"),
         ("keyedpool.contrib.flask", "flask", "flask"),
         ("keyedpool.contrib.django", "django", "django"),
+        ("keyedpool.contrib.prometheus", "prometheus_client", "prometheus"),
     ],
 )
 def test_a_missing_extra_names_the_pip_command(

@@ -1,0 +1,184 @@
+"""Prometheus metrics for keyedpool pools, read from ``stats()`` when Prometheus scrapes.
+
+    pip install 'keyedpool[prometheus]'
+
+>>> from prometheus_client import start_http_server
+>>> from keyedpool import KeyedPoolExecutor
+>>> from keyedpool.contrib.prometheus import register
+>>> pool = KeyedPoolExecutor(32)
+>>> register(pool, "orders")          # on prometheus_client's default registry
+>>> start_http_server(9100)           # then scrape http://<host>:9100/metrics
+
+Nothing is measured per task: each scrape calls ``pool.stats()``, which reads
+the counters the pool keeps anyway. A pool that is garbage-collected leaves
+the metrics by itself; :func:`unregister` removes one sooner.
+
+The metrics, each with a ``pool`` label (the name given to :func:`register`),
+and never a label per key (keys are unbounded; ``stats().top_keys`` names the
+busiest ones):
+
+=====================================  =======  ==============================================
+name                                   type     what
+=====================================  =======  ==============================================
+``keyedpool_tasks_total``              counter  tasks that ended, by ``outcome``: ``completed``,
+                                                ``failed`` (raised) or ``cancelled``
+``keyedpool_submitted_total``          counter  tasks accepted by ``submit``
+``keyedpool_rejected_total``           counter  submits refused with ``PoolFull``
+``keyedpool_key_moves_total``          counter  times a key went to another worker than its
+                                                last one (``routing="affinity"``)
+``keyedpool_pending_tasks``            gauge    accepted and not finished (bounded by
+                                                ``keyedpool_max_pending_tasks``)
+``keyedpool_max_pending_tasks``        gauge    the pool's ``max_pending``
+``keyedpool_workers``                  gauge    the pool's ``max_workers``
+``keyedpool_unkeyed_backlog_tasks``    gauge    unkeyed tasks waiting for a free worker
+``keyedpool_keys_bound``               gauge    keys with tasks queued or running now
+``keyedpool_worker_backlog_tasks``     gauge    per ``worker``: keyed tasks routed there and not
+                                                finished, the running one included
+``keyedpool_worker_running``           gauge    per ``worker``: 1 while it runs a task
+=====================================  =======  ==============================================
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator
+
+from keyedpool.contrib import _require
+
+_require("prometheus_client", "prometheus", "keyedpool.contrib.prometheus")
+
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from keyedpool import KeyedPoolExecutor
+
+__all__ = ["PoolsCollector", "register", "unregister"]
+
+
+class PoolsCollector(Collector):
+    """The collector of one registry: every pool registered there, by name.
+
+    One per registry, because a registry refuses two collectors that export
+    the same metric names; :func:`register` makes it on first use.
+    """
+
+    def __init__(self) -> None:
+        #: Owns ``_pools``: register/unregister (any thread) against scrapes.
+        self._lock = threading.Lock()
+        self._pools: dict[str, weakref.ref[KeyedPoolExecutor]] = {}
+
+    def add(self, pool: KeyedPoolExecutor, name: str) -> None:
+        with self._lock:
+            known = self._pools.get(name)
+            if known is not None and known() is not None and known() is not pool:
+                raise ValueError(
+                    f"keyedpool: a pool named {name!r} is already registered; "
+                    "give each pool its own name, or unregister the old one first"
+                )
+            self._pools[name] = weakref.ref(pool)
+
+    def remove(self, name: str) -> bool:
+        with self._lock:
+            return self._pools.pop(name, None) is not None
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            pools = [(name, ref()) for name, ref in self._pools.items()]
+            for name in [name for name, pool in pools if pool is None]:
+                del self._pools[name]  # collected: it leaves the metrics
+        tasks = CounterMetricFamily(
+            "keyedpool_tasks", "Tasks that ended, by outcome.", labels=["pool", "outcome"]
+        )
+        submitted = CounterMetricFamily(
+            "keyedpool_submitted", "Tasks accepted by submit.", labels=["pool"]
+        )
+        rejected = CounterMetricFamily(
+            "keyedpool_rejected", "Submits refused with PoolFull.", labels=["pool"]
+        )
+        moves = CounterMetricFamily(
+            "keyedpool_key_moves",
+            "Times a key went to another worker than its last one.",
+            labels=["pool"],
+        )
+        pending = GaugeMetricFamily(
+            "keyedpool_pending_tasks", "Tasks accepted and not finished.", labels=["pool"]
+        )
+        max_pending = GaugeMetricFamily(
+            "keyedpool_max_pending_tasks", "The most pending tasks the pool holds.", labels=["pool"]
+        )
+        workers = GaugeMetricFamily("keyedpool_workers", "Worker threads at most.", labels=["pool"])
+        unkeyed = GaugeMetricFamily(
+            "keyedpool_unkeyed_backlog_tasks",
+            "Unkeyed tasks waiting for a free worker.",
+            labels=["pool"],
+        )
+        bound = GaugeMetricFamily(
+            "keyedpool_keys_bound", "Keys with tasks queued or running now.", labels=["pool"]
+        )
+        backlog = GaugeMetricFamily(
+            "keyedpool_worker_backlog_tasks",
+            "Keyed tasks routed to a worker and not finished, the running one included.",
+            labels=["pool", "worker"],
+        )
+        running = GaugeMetricFamily(
+            "keyedpool_worker_running", "1 while the worker runs a task.", labels=["pool", "worker"]
+        )
+        for name, pool in pools:
+            if pool is None:
+                continue
+            s = pool.stats(top_keys=0)
+            tasks.add_metric([name, "completed"], s.completed)
+            tasks.add_metric([name, "failed"], s.failed)
+            tasks.add_metric([name, "cancelled"], s.cancelled)
+            submitted.add_metric([name], s.submitted)
+            rejected.add_metric([name], s.rejected)
+            moves.add_metric([name], s.key_moves)
+            pending.add_metric([name], s.pending)
+            max_pending.add_metric([name], s.max_pending)
+            workers.add_metric([name], s.max_workers)
+            unkeyed.add_metric([name], s.unkeyed_backlog)
+            bound.add_metric([name], s.keys_bound)
+            for w in s.workers:
+                backlog.add_metric([name, str(w.index)], w.backlog)
+                running.add_metric([name, str(w.index)], 1 if w.running else 0)
+        yield from (tasks, submitted, rejected, moves, pending, max_pending, workers)
+        yield from (unkeyed, bound, backlog, running)
+
+
+#: One collector per registry. Owner: _collectors_lock.
+_collectors: weakref.WeakKeyDictionary[CollectorRegistry, PoolsCollector] = (
+    weakref.WeakKeyDictionary()
+)
+_collectors_lock = threading.Lock()
+
+
+def register(
+    pool: KeyedPoolExecutor, name: str, registry: CollectorRegistry = REGISTRY
+) -> PoolsCollector:
+    """Export *pool*'s ``stats()`` as Prometheus metrics labelled ``pool=name``.
+
+    *registry* is prometheus_client's default one unless given. Registering
+    the same pool under the same name again does nothing; another live pool
+    under a name already taken is a ``ValueError``. Returns the registry's
+    collector (one for all the pools registered there).
+    """
+    if not isinstance(pool, KeyedPoolExecutor):
+        raise TypeError(f"register takes a KeyedPoolExecutor, not {type(pool).__name__}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"the pool's name must be a non-empty str, not {name!r}")
+    with _collectors_lock:
+        collector = _collectors.get(registry)
+        if collector is None:
+            collector = PoolsCollector()
+            registry.register(collector)
+            _collectors[registry] = collector
+    collector.add(pool, name)
+    return collector
+
+
+def unregister(name: str, registry: CollectorRegistry = REGISTRY) -> bool:
+    """Stop exporting the pool registered as *name*; ``False`` if there was none."""
+    with _collectors_lock:
+        collector = _collectors.get(registry)
+    return collector is not None and collector.remove(name)

@@ -1,0 +1,121 @@
+"""keyedpool.contrib.prometheus, scraped over HTTP from prometheus_client's own server."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import wait
+
+import pytest
+from _util import TIMEOUT
+
+pytest.importorskip(
+    "prometheus_client",
+    reason="prometheus_client is not installed: pip install keyedpool[prometheus]",
+)
+
+from prometheus_client import CollectorRegistry, start_http_server  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from keyedpool import KeyedPoolExecutor, PoolFull  # noqa: E402
+from keyedpool.contrib.prometheus import register, unregister  # noqa: E402
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture
+def scrape() -> Iterator[tuple[CollectorRegistry, object]]:
+    """A registry served on a free loopback port, and a function that scrapes it."""
+    registry = CollectorRegistry()
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    port = server.server_port
+
+    def get() -> Samples:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as r:
+            text = r.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    yield registry, get
+    server.shutdown()
+    server.server_close()
+    thread.join(TIMEOUT)
+
+
+def test_a_scrape_shows_the_pool_as_stats_sees_it(scrape: tuple[CollectorRegistry, object]) -> None:
+    registry, get = scrape
+    release = threading.Event()
+    started = threading.Event()
+
+    def hold() -> None:
+        started.set()
+        release.wait(TIMEOUT)
+
+    with KeyedPoolExecutor(2, max_pending=4) as pool:
+        register(pool, "orders", registry)
+        done = [pool.submit(f"k{i}", int, "1") for i in range(5)]
+        failed = [pool.submit("bad", int, "x") for _ in range(2)]
+        wait(done + failed, timeout=TIMEOUT)
+        held = pool.submit("slow", hold)
+        assert started.wait(TIMEOUT)
+        queued = [pool.submit("slow", int, "2") for _ in range(3)]  # behind it: 4 pending
+        with pytest.raises(PoolFull):
+            pool.submit_with("late", int, ("3",), on_full="raise")
+        try:
+            samples = get()  # type: ignore[operator]
+        finally:
+            release.set()
+        wait([held, *queued], timeout=TIMEOUT)
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted({"pool": "orders", **labels}.items())))]
+
+    assert value("keyedpool_tasks_total", outcome="completed") == 5
+    assert value("keyedpool_tasks_total", outcome="failed") == 2
+    assert value("keyedpool_tasks_total", outcome="cancelled") == 0
+    assert value("keyedpool_submitted_total") == 11
+    assert value("keyedpool_rejected_total") == 1
+    assert value("keyedpool_pending_tasks") == 4
+    assert value("keyedpool_max_pending_tasks") == 4
+    assert value("keyedpool_workers") == 2
+    assert value("keyedpool_keys_bound") == 1
+    backlogs = [value("keyedpool_worker_backlog_tasks", worker=str(i)) for i in range(2)]
+    assert sorted(backlogs) == [0, 4]  # the held task and the 3 behind it, on one worker
+    running = [value("keyedpool_worker_running", worker=str(i)) for i in range(2)]
+    assert sorted(running) == [0, 1]
+    # Keys are unbounded: never a label per key.
+    assert not [key for key in samples if any(name == "key" for name, _ in key[1])]
+
+
+def test_names_are_unique_per_registry_and_pools_leave_when_dropped(
+    scrape: tuple[CollectorRegistry, object],
+) -> None:
+    registry, get = scrape
+    first = KeyedPoolExecutor(1)
+    second = KeyedPoolExecutor(1)
+    try:
+        register(first, "a", registry)
+        register(first, "a", registry)  # the same pool again: nothing changes
+        with pytest.raises(ValueError, match="'a' is already registered"):
+            register(second, "a", registry)
+        register(second, "b", registry)
+        pools = {dict(k[1])["pool"] for k in get() if k[0] == "keyedpool_workers"}  # type: ignore[operator]
+        assert pools == {"a", "b"}
+        assert unregister("a", registry) and not unregister("a", registry)
+        pools = {dict(k[1])["pool"] for k in get() if k[0] == "keyedpool_workers"}  # type: ignore[operator]
+        assert pools == {"b"}
+    finally:
+        first.shutdown()
+        second.shutdown()
+    del second
+    gc.collect()
+    assert not [k for k in get() if k[0] == "keyedpool_workers"]  # type: ignore[operator]
+    with pytest.raises(TypeError, match="KeyedPoolExecutor"):
+        register(object(), "x", registry)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-empty str"):
+        register(first, "", registry)
