@@ -90,32 +90,14 @@ class PoolsCollector(Collector):
         tasks = CounterMetricFamily(
             "keyedpool_tasks", "Tasks that ended, by outcome.", labels=["pool", "outcome"]
         )
-        submitted = CounterMetricFamily(
-            "keyedpool_submitted", "Tasks accepted by submit.", labels=["pool"]
-        )
-        rejected = CounterMetricFamily(
-            "keyedpool_rejected", "Submits refused with PoolFull.", labels=["pool"]
-        )
-        moves = CounterMetricFamily(
-            "keyedpool_key_moves",
-            "Times a key went to another worker than its last one.",
-            labels=["pool"],
-        )
-        pending = GaugeMetricFamily(
-            "keyedpool_pending_tasks", "Tasks accepted and not finished.", labels=["pool"]
-        )
-        max_pending = GaugeMetricFamily(
-            "keyedpool_max_pending_tasks", "The most pending tasks the pool holds.", labels=["pool"]
-        )
-        workers = GaugeMetricFamily("keyedpool_workers", "Worker threads at most.", labels=["pool"])
-        unkeyed = GaugeMetricFamily(
-            "keyedpool_unkeyed_backlog_tasks",
-            "Unkeyed tasks waiting for a free worker.",
-            labels=["pool"],
-        )
-        bound = GaugeMetricFamily(
-            "keyedpool_keys_bound", "Keys with tasks queued or running now.", labels=["pool"]
-        )
+        # One value per pool: (family, the PoolStats field it shows).
+        per_pool: list[tuple[CounterMetricFamily | GaugeMetricFamily, str]] = [
+            (CounterMetricFamily(name, text, labels=["pool"]), field)
+            for name, text, field in _COUNTERS
+        ]
+        per_pool += [
+            (GaugeMetricFamily(name, text, labels=["pool"]), field) for name, text, field in _GAUGES
+        ]
         backlog = GaugeMetricFamily(
             "keyedpool_worker_backlog_tasks",
             "Keyed tasks routed to a worker and not finished, the running one included.",
@@ -128,22 +110,37 @@ class PoolsCollector(Collector):
             if pool is None:
                 continue
             s = pool.stats(top_keys=0)
-            tasks.add_metric([name, "completed"], s.completed)
-            tasks.add_metric([name, "failed"], s.failed)
-            tasks.add_metric([name, "cancelled"], s.cancelled)
-            submitted.add_metric([name], s.submitted)
-            rejected.add_metric([name], s.rejected)
-            moves.add_metric([name], s.key_moves)
-            pending.add_metric([name], s.pending)
-            max_pending.add_metric([name], s.max_pending)
-            workers.add_metric([name], s.max_workers)
-            unkeyed.add_metric([name], s.unkeyed_backlog)
-            bound.add_metric([name], s.keys_bound)
+            for outcome in ("completed", "failed", "cancelled"):
+                tasks.add_metric([name, outcome], getattr(s, outcome))
+            for family, field in per_pool:
+                family.add_metric([name], getattr(s, field))
             for w in s.workers:
                 backlog.add_metric([name, str(w.index)], w.backlog)
                 running.add_metric([name, str(w.index)], 1 if w.running else 0)
-        yield from (tasks, submitted, rejected, moves, pending, max_pending, workers)
-        yield from (unkeyed, bound, backlog, running)
+        yield tasks
+        for family, _ in per_pool:
+            yield family
+        yield backlog
+        yield running
+
+
+#: (metric name, help, the PoolStats field) for the per-pool counters and gauges.
+_COUNTERS = [
+    ("keyedpool_submitted", "Tasks accepted by submit.", "submitted"),
+    ("keyedpool_rejected", "Submits refused with PoolFull.", "rejected"),
+    ("keyedpool_key_moves", "Times a key went to another worker than its last one.", "key_moves"),
+]
+_GAUGES = [
+    ("keyedpool_pending_tasks", "Tasks accepted and not finished.", "pending"),
+    ("keyedpool_max_pending_tasks", "The most pending tasks the pool holds.", "max_pending"),
+    ("keyedpool_workers", "Worker threads at most.", "max_workers"),
+    (
+        "keyedpool_unkeyed_backlog_tasks",
+        "Unkeyed tasks waiting for a free worker.",
+        "unkeyed_backlog",
+    ),
+    ("keyedpool_keys_bound", "Keys with tasks queued or running now.", "keys_bound"),
+]
 
 
 #: One collector per registry. Owner: _collectors_lock.
