@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextvars import copy_context
@@ -210,27 +211,43 @@ class KeyedPoolExecutor:
         key: None | Key | Callable[..., Key | None] = None,
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
     ) -> Iterator[T]:
         """Like ``Executor.map``: ``fn`` over the items, results in input order.
 
         *key* is one key for every item, ``None`` for none, or a function called
         with the same arguments as *fn* that returns each item's key, so that
         items with the same key run in order. *timeout* counts from this call.
-        All items are submitted before this returns (as the standard library does).
-        *chunksize* is accepted for compatibility and ignored, as in
-        ``ThreadPoolExecutor``.
+        All items are submitted before this returns (as the standard library
+        does), unless *buffersize* is given: then at most that many are
+        submitted ahead of the results read so far (as ``Executor.map`` does
+        from Python 3.14), so an endless iterable works. *chunksize* is
+        accepted for compatibility and ignored, as in ``ThreadPoolExecutor``.
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None:
+            if isinstance(buffersize, bool) or not isinstance(buffersize, int):
+                raise TypeError("buffersize must be an integer or None")
+            if buffersize < 1:
+                raise ValueError("buffersize must be None or > 0")
         deadline = None if timeout is None else monotonic() + timeout
         items = zip(*iterables, strict=False)  # stops at the shortest, as map() does
         if callable(key):
             keyof = key
-            futures = [self.submit(keyof(*args), fn, *args) for args in items]
+
+            def submit(args: tuple[Any, ...]) -> Future[Any]:
+                return self.submit(keyof(*args), fn, *args)
         else:
             check_key(key)
-            futures = [self.submit(key, fn, *args) for args in items]
-        return _results(futures, deadline)
+
+            def submit(args: tuple[Any, ...]) -> Future[Any]:
+                return self.submit(key, fn, *args)
+
+        if buffersize is None:
+            return _results(deque(map(submit, items)), deadline)
+        first = deque(map(submit, itertools.islice(items, buffersize)))
+        return _results(first, deadline, lambda: next(map(submit, items), None))
 
     def executor(self, key: Key | None = None) -> KeyExecutor:
         """A :class:`concurrent.futures.Executor` on this pool whose tasks all carry *key*.
@@ -325,12 +342,19 @@ class KeyedPoolExecutor:
         )
 
 
-def _results(futures: list[Future[Any]], deadline: float | None) -> Iterator[Any]:
+def _results(
+    futures: deque[Future[Any]],
+    deadline: float | None,
+    more: Callable[[], Future[Any] | None] | None = None,
+) -> Iterator[Any]:
     # As in concurrent.futures: yield in order; on early exit cancel the rest.
+    # *more* submits the next item (None when there is none) as each result
+    # is taken, to keep a bounded number ahead (map's buffersize).
     try:
-        futures.reverse()
         while futures:
-            future = futures.pop()
+            future = futures.popleft()
+            if more is not None and (extra := more()) is not None:
+                futures.append(extra)
             try:
                 if deadline is None:
                     yield future.result()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import threading
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -131,6 +132,21 @@ def test_map_keeps_input_order_and_per_key_order() -> None:
     for u in set(users):
         seq = [n for (who, n) in started if who == u]
         assert seq == sorted(seq)
+
+
+def test_map_with_buffersize_reads_an_endless_iterable_a_few_items_ahead() -> None:
+    # As Executor.map from Python 3.14: at most buffersize items are submitted
+    # ahead of the results read, so an endless iterable is fine.
+    with KeyedPoolExecutor(2) as pool:
+        results = pool.map(int, itertools.count(), key=lambda n: f"k{n % 3}", buffersize=4)
+        assert [next(results) for _ in range(10)] == list(range(10))
+        assert pool.stats().submitted <= 10 + 4
+        results.close()  # what is still queued is cancelled, as without buffersize
+        assert list(pool.map(str, range(7), buffersize=2)) == [str(n) for n in range(7)]
+        with pytest.raises(ValueError, match="buffersize must be None or > 0"):
+            pool.map(str, range(3), buffersize=0)
+        with pytest.raises(TypeError, match="buffersize must be an integer or None"):
+            pool.map(str, range(3), buffersize=2.0)  # type: ignore[arg-type]
 
 
 def test_map_timeout_and_exception() -> None:
