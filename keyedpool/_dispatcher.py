@@ -1,20 +1,22 @@
 """The dispatcher: takes accepted tasks in submit order and puts each where it runs.
 
-A keyed task goes on the queue of a worker: with ``routing="affinity"`` (the
-``Affinity`` class below) the worker its key already has tasks on, else a free
-or lightly loaded one; with ``routing="hash"`` always the worker its key hashes
-to (see ``_routing``). An unkeyed task goes on the unkeyed queue, and a sleeping worker
-is woken to take it (submit starts a new worker when none is free, as
-ThreadPoolExecutor does).
+A keyed task goes on the queue of a worker. With ``routing="affinity"`` (the
+default, the ``Affinity`` class below): the worker its key already has tasks
+on, else a free or lightly loaded one; and now and then the dispatcher takes
+back tasks that have not started from a worker that seems stuck, or has far
+more queued than the others, and routes them again. With ``routing="hash"``:
+always the worker its key hashes to (see ``_routing``). An unkeyed task goes on
+the unkeyed queue, and a sleeping worker is woken to take it (submit starts a
+new worker when none is free, as ThreadPoolExecutor does).
+
 Nothing here ever blocks on a worker: worker queues have no size limit
 (capacity is enforced once, in ``submit``), so one stuck key cannot hold up
-tasks that do not share its worker. This is where the design note's
-dispatcher, which blocks on a full worker channel, stops every key.
+the dispatcher. (A dispatcher that blocks on a full worker queue stops every
+key instead.)
 
 The dispatcher thread is the only one that routes, so routing state (such as
 which worker stands in for one whose thread could not start) needs no lock.
 """
-
 from __future__ import annotations
 
 from time import monotonic

@@ -38,7 +38,7 @@ def cpu_count() -> int:
 
 
 def default_max_workers() -> int:
-    """The default worker count: 16 per CPU (the design note's advice for I/O), at most 128."""
+    """The default worker count: 16 per CPU (for I/O-bound handlers), at most 128."""
     return min(cpu_count() * 16, 128)
 
 
