@@ -13,7 +13,7 @@ Workloads (W = ``--workers``):
 
 * ``noop-uniform``, ``noop-zipf``: no-op handlers, keys uniform or Zipf
   distributed over 1024 keys;
-* ``mix``: the design note's scenario, three topics: orders (keyed, Zipf),
+* ``mix``: an event-processing scenario, three topics: orders (keyed, Zipf),
   payments (keyed, uniform) and notifications (no key), no-op handlers;
 * ``io``: every handler sleeps 1 ms (blocking I/O), uniform keys;
 * ``stuck``: the ``io`` tasks again, after one task whose handler blocks until
@@ -178,7 +178,7 @@ def keyed_batch(n: int, zipf: bool, seed: int) -> Batch:
 
 
 def mix_batch(n: int, seed: int) -> Batch:
-    """The design note's scenario: orders (Zipf ids), payments (uniform), notifications (no key)."""
+    """Three topics: orders (Zipf ids), payments (uniform), notifications (no key)."""
     rng = random.Random(seed)
     weights = _zipf_weights(1000)
     keys: list[str | None] = []

@@ -7,9 +7,9 @@ Every design takes ``submit(key, fn, *args, topic=0) -> Future`` and
   routing, ``"affinity"``); :class:`KeyedHash`: the same with ``routing="hash"``.
 * :class:`KeyedUnkeyed`: ``KeyedPoolExecutor``, every task with ``key=None``.
 * :class:`Stdlib`: ``concurrent.futures.ThreadPoolExecutor``; orders nothing.
-* :class:`PerTopic`: the design note's "before": one keyed pool per topic,
+* :class:`PerTopic`: the usual alternative: one keyed pool per topic,
   3 topics x 1024 threads, each thread with its own queue, routed by hash.
-* :class:`NoteLiteral`: the design note's dispatcher taken literally: one
+* :class:`NoteLiteral`: the simplest dispatcher design, taken literally: one
   dispatcher thread, a ``queue.Queue(100)`` per worker, a blocking ``put`` into
   a full worker queue, and round-robin for unkeyed tasks (try each worker
   without blocking, then block on the one it started at).
@@ -213,7 +213,7 @@ class Stdlib(Design):
 
 
 class PerTopic(Design):
-    """The design note's "before": a keyed pool per topic, every thread with its own queue.
+    """A keyed pool per topic, every thread with its own queue (the usual alternative).
 
     Threads start with the pool (as the goroutines did). A keyed task goes to
     ``route(key) % per_topic`` of its topic's pool; an unkeyed task round-robin
@@ -226,7 +226,7 @@ class PerTopic(Design):
     label = "per-topic 3x1024"
     ordered = True
 
-    #: The design note's numbers.
+    #: 3 topics x 1024 threads: the shape this design usually has.
     TOPICS = 3
     PER_TOPIC = 1024
 
@@ -282,7 +282,7 @@ _STOP = object()
 
 
 class NoteLiteral(Design):
-    """The design note's dispatcher, taken literally (the head-of-line reference).
+    """The simplest dispatcher design, taken literally (the head-of-line reference).
 
     ``submit`` puts on one dispatch queue (``queue.Queue(workers * 100)``, the
     note's default size). One dispatcher thread takes each task and, for a key,
