@@ -202,12 +202,14 @@ class Pool:
             # waiting for it: if all of them did, the pool would stop for good.
             self.rejected += 1
             raise PoolFull(
-                self._full_message("")
-                + ". This submit comes from a task running on the same pool, and "
-                "waiting for room there could stop the pool for good (only its "
-                "workers make room, and this one would be waiting); so keyedpool "
-                "raises instead of waiting. Submit follow-up work to another pool, "
-                "or raise max_pending"
+                self._full_message(
+                    "",
+                    "This submit comes from a task running on the same pool, and "
+                    "waiting for room there could stop the pool for good (only its "
+                    "workers make room, and this one would be waiting); so keyedpool "
+                    "raises instead of waiting. Submit follow-up work to another pool, "
+                    "or raise max_pending",
+                )
             )
         deadline = None if timeout is None else monotonic() + timeout
         # Say we wait, in every worker, before reading the counts again: a task
@@ -251,19 +253,23 @@ class Pool:
         with self.lock:
             self.space.notify()
 
-    def _full_message(self, waited: str) -> str:
+    def _full_message(self, waited: str, advice: str = "") -> str:
         # *waited*: "" for a submit that did not wait (on_full="raise"), else
-        # how long it waited (full_timeout): the advice differs.
-        wait = (
-            "Wait longer (a larger full_timeout, or None to wait as long as it takes)"
-            if waited
-            else "Let submit wait for room (on_full='block')"
-        )
+        # how long it waited (full_timeout): the advice differs. *advice*
+        # replaces it where neither applies.
+        if not advice:
+            wait = (
+                "Wait longer (a larger full_timeout, or None to wait as long as it takes)"
+                if waited
+                else "Let submit wait for room (on_full='block')"
+            )
+            advice = (
+                f"{wait}, raise max_pending, or add workers if the handlers are the bottleneck"
+            )
         return (
             f"keyedpool: the pool is full{waited}: "
             f"{self.accepted + len(self.inbox) - self.done_seen} tasks "
-            f"are pending and max_pending is {self.max_pending}. {wait}, raise "
-            "max_pending, or add workers if the handlers are the bottleneck"
+            f"are pending and max_pending is {self.max_pending}. {advice}"
         )
 
     def _maybe_start_for_unkeyed(self) -> None:

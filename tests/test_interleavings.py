@@ -553,8 +553,10 @@ def test_a_task_submitting_into_its_own_full_pool_raises_instead_of_freezing_it(
             return pool.submit("c", int, 1)  # the pool is full: 2 pending
 
         outer = pool.submit("b", producer)
-        with pytest.raises(PoolFull, match="from a task running on the same pool"):
+        with pytest.raises(PoolFull, match="from a task running on the same pool") as info:
             outer.result(TIMEOUT)
+        # It was a blocking submit: no advice to let it wait for room.
+        assert "on_full='block'" not in str(info.value)
         release.set()
         assert blocked.result(TIMEOUT) is True
 
