@@ -125,8 +125,10 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
         if backlog:
             queued = _copy_batches(worker)
             batch = worker.batch
-            # The unfinished part of the running batch is its tail.
-            left = min(max(backlog - sum(map(len, queued)), 0), len(batch))
+            # The unfinished part of the running batch is its tail. (Slots of
+            # tasks taken back by the dispatcher are None: they do not count.)
+            waiting = sum(1 for group in queued for task in group if task is not None)
+            left = min(max(backlog - waiting, 0), len(batch))
             for group in [batch[len(batch) - left :], *queued]:
                 for task in group:
                     # (A worker sets a finished task's slot in its batch to None.)
