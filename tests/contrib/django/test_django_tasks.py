@@ -38,6 +38,24 @@ def test_backend_is_in_use() -> None:
     assert tasks.post_entry.key_arg == "account"
 
 
+def test_the_readme_status_view_pattern(db: str) -> None:
+    # The README's views: enqueue, answer with the id; a later request looks
+    # the result up by id and reads return_value only once it succeeded.
+    gate = _gate()
+    backend_alias = "pg" if db == "pg" else "default"
+    tasks.gated_entry.using(backend=backend_alias).enqueue("r", -1, gate, database=db)
+    post = tasks.post_entry.using(backend=backend_alias)
+    result_id = post.enqueue("r", 7, database=db).id
+    waiting = post.get_result(result_id)
+    assert waiting.status == TaskResultStatus.READY  # behind the gated task of its key
+    with pytest.raises(ValueError):
+        waiting.return_value  # noqa: B018
+    tasks.GATES[gate].set()
+    shutdown(wait=True)
+    done = post.get_result(result_id)
+    assert done.status == TaskResultStatus.SUCCESSFUL and done.return_value == 7
+
+
 def test_order_per_key_and_results(db: str) -> None:
     gate = _gate()
     backend_alias = "pg" if db == "pg" else "default"
