@@ -151,10 +151,12 @@ class KeyedTask(Task):  # type: ignore[misc]
         backend: str | None = None,
         key: Key | None = _UNSET,
         key_arg: str | None = _UNSET,
+        **options: Any,
     ) -> KeyedTask:
         """The framework's ``using()``, which can also set ``key`` or ``key_arg``.
 
-        Setting one of them clears the other.
+        Setting one of them clears the other. Any other option is passed on to
+        the framework's ``using()`` as it is (a newer Django may have more).
         """
         task = Task.using(
             self,
@@ -162,6 +164,7 @@ class KeyedTask(Task):  # type: ignore[misc]
             queue_name=queue_name,
             run_after=run_after,
             backend=backend,
+            **options,
         )
         if key is not _UNSET and key_arg is not _UNSET:
             raise TypeError("keyedpool: pass key or key_arg, not both")

@@ -211,3 +211,12 @@ def test_keyed_task_on_this_and_on_other_backends(sqlite_db: str) -> None:
     assert elsewhere.enqueue("acct-1").return_value == "acct-1"  # ran immediately
     with pytest.raises(InvalidTaskBackend):
         keyed_task(backend="no-such-backend")(tasks.plain)
+
+
+def test_using_passes_options_it_does_not_know_to_the_framework() -> None:
+    # So a newer Django's extra using() options keep working: an option that
+    # this Django does not have is refused by the framework's own using().
+    with pytest.raises(TypeError, match=r"^Task\.using\(\) got an unexpected keyword argument"):
+        tasks.gated_entry.using(not_an_option=1)
+    moved = tasks.gated_entry.using(key="audit", queue_name="default")
+    assert (moved.key, moved.key_arg, moved.queue_name) == ("audit", None, "default")
