@@ -512,7 +512,11 @@ def _hide_request_context() -> None:
 
 def _check_config_keys(config: Any) -> None:
     """A misspelt ``KEYEDPOOL_*`` key would silently leave its setting at the default."""
-    unknown = sorted(k for k in config if k.startswith("KEYEDPOOL_") and k not in CONFIG_DEFAULTS)
+    unknown = sorted(
+        k
+        for k in config
+        if isinstance(k, str) and k.startswith("KEYEDPOOL_") and k not in CONFIG_DEFAULTS
+    )
     if unknown:
         hints = []
         for key in unknown:
