@@ -146,34 +146,21 @@ def _round(max_workers: int, max_pending: int, on_full: str, routing: str) -> No
     assert ran == len(everything), "a task ran twice or not at all"
 
 
-@pytest.mark.parametrize("routing", ROUTINGS)
-@pytest.mark.parametrize("rounds", [ROUNDS])
-def test_stress_blocking_capacity(
-    rounds: int, routing: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    routing = _routing(routing, monkeypatch)
-    for _ in range(rounds):
-        _round(max_workers=4, max_pending=16, on_full="block", routing=routing)
+#: The pool shapes each stress round runs: a small pool that blocks when full,
+#: a smaller one that refuses, and a roomy one that is never full.
+SHAPES = {
+    "blocking-capacity": {"max_workers": 4, "max_pending": 16, "on_full": "block"},
+    "refusing-capacity": {"max_workers": 3, "max_pending": 8, "on_full": "raise"},
+    "roomy-pool": {"max_workers": 8, "max_pending": 10_000, "on_full": "block"},
+}
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
-@pytest.mark.parametrize("rounds", [ROUNDS])
-def test_stress_refusing_capacity(
-    rounds: int, routing: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_stress(shape: str, routing: str, monkeypatch: pytest.MonkeyPatch) -> None:
     routing = _routing(routing, monkeypatch)
-    for _ in range(rounds):
-        _round(max_workers=3, max_pending=8, on_full="raise", routing=routing)
-
-
-@pytest.mark.parametrize("routing", ROUTINGS)
-@pytest.mark.parametrize("rounds", [ROUNDS])
-def test_stress_roomy_pool(
-    rounds: int, routing: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    routing = _routing(routing, monkeypatch)
-    for _ in range(rounds):
-        _round(max_workers=8, max_pending=10_000, on_full="block", routing=routing)
+    for _ in range(ROUNDS):
+        _round(**SHAPES[shape], routing=routing)  # type: ignore[arg-type]
 
 
 def test_the_rescue_runs_took_tasks_back() -> None:
