@@ -123,18 +123,21 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
     where: dict[Key, int] = {}
     for worker, (backlog, completed, failed, cancelled) in zip(pool.workers, counts, strict=True):
         if backlog:
-            queued = _copy_batches(worker)
             batch = worker.batch
-            # The unfinished part of the running batch is its tail. (Slots of
-            # tasks taken back by the dispatcher are None: they do not count.)
-            waiting = sum(1 for group in queued for task in group if task is not None)
-            left = min(max(backlog - waiting, 0), len(batch))
-            for group in [batch[len(batch) - left :], *queued]:
+            # Queued batches first, then the unfinished part of the running
+            # batch: its tail, as long as what the queued ones do not account
+            # for. (Slots of tasks finished, or taken back by the dispatcher,
+            # are None and count for nothing.)
+            waiting = 0
+            for group in _copy_batches(worker):
                 for task in group:
-                    # (A worker sets a finished task's slot in its batch to None.)
-                    if task is not None and task.key is not None:
-                        keys[task.key] += 1
-                        where[task.key] = worker.index
+                    if task is not None:
+                        waiting += 1
+                        _note(task, worker.index, keys, where)
+            left = min(max(backlog - waiting, 0), len(batch))
+            for task in batch[len(batch) - left :]:
+                if task is not None:
+                    _note(task, worker.index, keys, where)
         workers.append(
             WorkerStats(
                 index=worker.index,
@@ -164,6 +167,13 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
         keys_bound=len(keys),
         key_moves=key_moves,
     )
+
+
+def _note(task: Task, index: int, keys: Counter[Key], where: dict[Key, int]) -> None:
+    # A queued or running task: count it against its key (unkeyed ones have none).
+    if task.key is not None:
+        keys[task.key] += 1
+        where[task.key] = index
 
 
 def _copy_batches(worker: Worker) -> list[list[Task]]:
