@@ -247,7 +247,12 @@ class KeyedPoolExecutor:
         if buffersize is None:
             return _results(deque(map(submit, items)), deadline)
         first = deque(map(submit, itertools.islice(items, buffersize)))
-        return _results(first, deadline, lambda: next(map(submit, items), None))
+
+        def more() -> Future[Any] | None:
+            args = next(items, None)
+            return None if args is None else submit(args)
+
+        return _results(first, deadline, more)
 
     def executor(self, key: Key | None = None) -> KeyExecutor:
         """A :class:`concurrent.futures.Executor` on this pool whose tasks all carry *key*.

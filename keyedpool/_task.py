@@ -146,8 +146,10 @@ class Task(Future):  # type: ignore[type-arg]
     """The future returned by ``submit``; it carries the call until a worker runs it."""
 
     #: The index of the worker it was placed on (``None`` until then, or if
-    #: unkeyed). Written once by the dispatcher before the worker can see the
-    #: task; read by ``_check_wait``, where a stale ``None`` gives the same answer.
+    #: unkeyed). Owner: the dispatcher, which sets it before the worker can see
+    #: the task, and resets it to ``None`` under that worker's lock when it
+    #: takes the task back (``Pool.take_back``) to place it again. Read without
+    #: a lock by ``_check_wait``, where a stale value gives the same answer.
     worker: int | None = None
     #: How the worker counted it (COMPLETED, FAILED, CANCELLED); set before the
     #: future is resolved, by the one thread that resolves it.
