@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import wait
 
 import pytest
-from _util import TIMEOUT
+from _util import TIMEOUT, wait_until
 
 pytest.importorskip(
     "prometheus_client",
@@ -66,6 +66,9 @@ def test_a_scrape_shows_the_pool_as_stats_sees_it(scrape: tuple[CollectorRegistr
         queued = [pool.submit("slow", int, "2") for _ in range(3)]  # behind it: 4 pending
         with pytest.raises(PoolFull):
             pool.submit_with("late", int, ("3",), on_full="raise")
+        # submit() returns before the dispatcher has put the task on a worker's queue:
+        # the per-worker backlog below counts only tasks already placed.
+        wait_until(lambda: pool.stats().in_transit == 0)
         try:
             samples = get()  # type: ignore[operator]
         finally:
