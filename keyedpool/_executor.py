@@ -31,6 +31,9 @@ Routing = Literal["affinity", "hash"]
 
 _pool_numbers = itertools.count()
 
+#: The keyword arguments of every task called without any (never changed).
+_NO_KWARGS: dict[str, Any] = {}
+
 
 def cpu_count() -> int:
     """CPUs this process may use (``os.process_cpu_count`` where Python has it)."""
@@ -197,7 +200,9 @@ class KeyedPoolExecutor:
             key,
             fn,
             args,
-            kwargs,
+            # The call's own empty dict would be kept (and, on some Pythons,
+            # walked by the garbage collector) until the task runs.
+            kwargs if kwargs else _NO_KWARGS,
             copy_context() if self._copy_context else None,
             self._log_unretrieved,
         )

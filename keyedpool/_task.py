@@ -11,12 +11,15 @@ the call (function, arguments, context) until a worker runs it, so there is no
 separate work item.
 
 Why not call ``Future.__init__``? Its ``threading.Condition()`` and two lists
-cost more than the rest of a task's trip through the pool (to make, and for
-the garbage collector to walk while the task waits). ``_FutureCondition`` does
-the condition's job, a lock plus wait/notify, for a tenth of that, and the two
-lists are made on first use. ``tests/test_futures.py`` checks that ``Task``
-provides exactly the attributes ``Future.__init__`` sets, so a Python that adds
-one fails a test instead of breaking quietly.
+cost more than the rest of a task's trip through the pool: to make, and for
+the garbage collector to walk each time it runs while the task is alive (a
+caller often holds thousands of futures). So a task is its own condition: it
+is also a C ``RLock`` (the lock a ``Future``'s condition wraps), its
+``_condition`` is the task itself, and it adds the condition's ``wait`` and
+``notify_all``. That is one object per task where ``Future.__init__`` makes
+seven. The two lists are made on first use. ``tests/test_futures.py`` checks
+that ``Task`` provides exactly the attributes ``Future.__init__`` sets, so a
+Python that adds one fails a test instead of breaking quietly.
 
 What ``Task`` adds to ``Future``:
 
@@ -90,20 +93,67 @@ def _describe(fn: object) -> str:
     return repr(fn)
 
 
-class _FutureCondition(RLock):  # type: ignore[misc]
-    """One future's condition: ``threading.Condition()``'s behaviour, made cheaply.
+class Task(Future, RLock):  # type: ignore[type-arg,misc]
+    """The future returned by ``submit``; it carries the call until a worker runs it.
 
-    It is the lock itself (a C ``RLock``, as in ``Future``), plus ``wait``,
-    ``notify`` and ``notify_all``. ``Future`` holds it once when it waits, which
-    is all ``wait`` supports (``threading.Condition`` also handles a lock held
-    several times by one thread).
+    Its lock (``acquire``, ``release``, ``wait``, ``notify_all``) is the
+    future's condition, used as ``Future`` uses ``self._condition``: it guards
+    the future's state, result and lists. It is not meant for anything else.
     """
 
-    #: Locks of the threads waiting, each held until notified. Only touched
-    #: with this lock held; made on the first wait.
-    _sleepers: list[Any] | None = None
+    # Every attribute is a slot: no per-task __dict__ (with a C base class
+    # such as RLock, it would be one more object per task).
+    __slots__ = (
+        "_state",
+        "_result",
+        "_exception",
+        "key",
+        "_pool",
+        "_fn",
+        "_args",
+        "_kwargs",
+        "_context",
+        "_log",
+        "worker",
+        "outcome",
+        "_unretrieved",
+        "_waiter_list",
+        "_callback_list",
+        "_sleepers",
+    )
+
+    #: The index of the worker it was placed on (``None`` until then, or if
+    #: unkeyed). Owner: the dispatcher, which sets it before the worker can see
+    #: the task, and resets it to ``None`` under that worker's lock when it
+    #: takes the task back (``Pool.take_back``) to place it again. Read without
+    #: a lock by ``_check_wait``, where a stale value gives the same answer.
+    worker: int | None
+    #: How the worker counted it (COMPLETED, FAILED, CANCELLED); set before the
+    #: future is resolved, by the one thread that resolves it.
+    outcome: int
+    # Set (before the exception is) by the resolving thread; cleared by
+    # whoever retrieves the exception after seeing the future done.
+    _unretrieved: _Unretrieved | None
+    # The lists behind _waiters and _done_callbacks; owner: this task's lock.
+    _waiter_list: list[Any] | None
+    _callback_list: list[Callable[[Future[Any]], object]] | None
+    #: Locks of the threads waiting in ``wait``, each held until notified.
+    #: Owner: this task's lock. Made on the first wait.
+    _sleepers: list[Any] | None
+
+    # -- the condition ------------------------------------------------------------
+    # threading.Condition's wait and notify_all on the task's own lock. Future
+    # waits with its condition held once, which is all ``wait`` supports
+    # (threading.Condition also handles a lock held several times by a thread).
+
+    @property
+    def _condition(self) -> Task:  # type: ignore[override]
+        # A property, not an attribute: a task that referred to itself would be
+        # a reference cycle, freed only by the garbage collector.
+        return self
 
     def wait(self, timeout: float | None = None) -> bool:
+        """The condition's wait: for ``Future``'s own use, with the task's lock held."""
         sleeper = allocate_lock()
         sleeper.acquire()
         sleepers = self._sleepers
@@ -129,37 +179,21 @@ class _FutureCondition(RLock):  # type: ignore[misc]
                     pass
 
     def notify(self, n: int = 1) -> None:
+        """The condition's notify, with the task's lock held."""
         sleepers = self._sleepers
         while sleepers and n > 0:
             sleepers.pop(0).release()
             n -= 1
 
     def notify_all(self) -> None:
+        """The condition's notify_all, with the task's lock held."""
         sleepers = self._sleepers
         if sleepers:
             for sleeper in sleepers:
                 sleeper.release()
-            sleepers.clear()
-
-
-class Task(Future):  # type: ignore[type-arg]
-    """The future returned by ``submit``; it carries the call until a worker runs it."""
-
-    #: The index of the worker it was placed on (``None`` until then, or if
-    #: unkeyed). Owner: the dispatcher, which sets it before the worker can see
-    #: the task, and resets it to ``None`` under that worker's lock when it
-    #: takes the task back (``Pool.take_back``) to place it again. Read without
-    #: a lock by ``_check_wait``, where a stale value gives the same answer.
-    worker: int | None = None
-    #: How the worker counted it (COMPLETED, FAILED, CANCELLED); set before the
-    #: future is resolved, by the one thread that resolves it.
-    outcome = CANCELLED
-    # Set (before the exception is) by the resolving thread; cleared by
-    # whoever retrieves the exception after seeing the future done.
-    _unretrieved: _Unretrieved | None = None
-    # The lists behind _waiters and _done_callbacks; owner: self._condition.
-    _waiter_list: list[Any] | None = None
-    _callback_list: list[Callable[[Future[Any]], object]] | None = None
+            # Not clear(): a waiter that timed out meanwhile removes itself
+            # from this list. Dropped, so a finished task keeps no list.
+            self._sleepers = None
 
     # -- Future's lists, made on first use -------------------------------------
     # Most tasks never have a waiter or a callback, and every object made per
@@ -212,8 +246,7 @@ class Task(Future):  # type: ignore[type-arg]
         # lists only if they exist. *returned* (see run) is called before
         # anyone can see the outcome, and only if no done-callback will run
         # here: a callback may block, so this thread is not free until it ends.
-        condition = self._condition
-        condition.acquire()
+        self.acquire()
         try:
             if self._state in _DONE:
                 raise InvalidStateError(f"{self._state}: {self!r}")
@@ -230,10 +263,10 @@ class Task(Future):  # type: ignore[type-arg]
                 else:
                     for waiter in waiters:
                         waiter.add_exception(self)
-            if condition._sleepers:  # type: ignore[attr-defined]  # nobody waits, usually
-                condition.notify_all()
+            if self._sleepers:  # nobody waits, usually
+                self.notify_all()
         finally:
-            condition.release()
+            self.release()
         if self._callback_list:
             self._invoke_callbacks()  # type: ignore[attr-defined]
 
@@ -247,9 +280,9 @@ class Task(Future):  # type: ignore[type-arg]
         context: Context | None,
         log_unretrieved: bool,
     ) -> None:
-        # What Future.__init__ sets (see the module docstring), each its own;
-        # _waiters and _done_callbacks are made on first use (properties below).
-        self._condition = _FutureCondition()  # type: ignore[assignment]
+        # What Future.__init__ sets (see the module docstring), each its own:
+        # _condition is the task itself, and _waiters and _done_callbacks are
+        # made on first use (properties above).
         self._state = PENDING
         self._result = None
         self._exception = None
@@ -260,13 +293,12 @@ class Task(Future):  # type: ignore[type-arg]
         self._kwargs = kwargs
         self._context = context
         self._log = log_unretrieved
-        # Set here although the class has defaults: attributes that every
-        # instance sets in the same order stay in the object itself, while a
-        # different order (the dispatcher and the worker set these later, and
-        # unkeyed tasks never get a worker) would give each task a separate
-        # __dict__, one more object per task for the garbage collector.
         self.worker = None
         self.outcome = CANCELLED
+        self._unretrieved = None
+        self._waiter_list = None
+        self._callback_list = None
+        self._sleepers = None
 
     # -- the outcome, with the self-deadlock check ----------------------------
 
@@ -276,6 +308,19 @@ class Task(Future):  # type: ignore[type-arg]
         Inside a task of the same pool, raises :class:`DeadlockError` at once if
         this task is queued behind the caller on its own worker (it could never start).
         """
+        # A finished task first, in one step: callers that collect many
+        # results call this once per task.
+        with self:  # the future's condition (see _condition)
+            if self._state == FINISHED:
+                exc = self._exception
+                if exc is None:
+                    return self._result
+                self._retrieved()
+                try:
+                    raise exc
+                finally:
+                    # Break the cycle exception -> traceback -> this frame -> exc.
+                    exc = self = None  # type: ignore[assignment]
         self._check_wait()
         try:
             return super().result(timeout)
@@ -361,14 +406,13 @@ class Task(Future):  # type: ignore[type-arg]
         # without the method call; anything else goes through it. (acquire and
         # release rather than ``with``: cheaper, and this runs on a worker
         # thread, where no KeyboardInterrupt can land in between.)
-        condition = self._condition
-        condition.acquire()
+        self.acquire()
         try:
             pending = self._state == PENDING
             if pending:
                 self._state = RUNNING
         finally:
-            condition.release()
+            self.release()
         if not pending and not self.set_running_or_notify_cancel():
             self._drop_call()
             self.outcome = CANCELLED
