@@ -237,27 +237,33 @@ class Affinity:
                 loose.append(task)
                 continue
             entry = bound.get(key)
+            busy = False
             if entry is not None:
                 index = entry % count
                 done = finished[index]
                 if done < 0:
                     done = self._finished(index)
-                if done * count + index >= entry:  # done >= the key's mark: see bound
-                    # Nothing of the key is left there: it may go anywhere.
+                # done < the key's mark (see bound): it still has tasks there, so
+                # this one goes after them (the common case in a flood).
+                busy = done * count + index < entry
+                if not busy and sent[index] != done:
+                    # Nothing of the key is left there: it may go anywhere. (If
+                    # that worker has nothing left at all, it is as free as any
+                    # other, and the key stays.)
                     last, index = index, self._choose(key)
                     if index != last and index >= 0:
                         moves += 1
-                # else: it still has tasks there, so this one goes after them.
             else:
                 index = self._choose(key)
-            if index < 0:
-                _fail(pool, [task])
-                continue
-            done = finished[index]
-            if done < 0:
-                done = self._finished(index)
-            if sent[index] == done:
-                self.progress[index] = self.now  # it had nothing to do until now
+            if not busy:
+                if index < 0:
+                    _fail(pool, [task])
+                    continue
+                done = finished[index]
+                if done < 0:
+                    done = self._finished(index)
+                if sent[index] == done:
+                    self.progress[index] = self.now  # it had nothing to do until now
             mark = sent[index] = sent[index] + 1
             bound[key] = mark * count + index
             group = own.get(index)

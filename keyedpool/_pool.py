@@ -7,7 +7,7 @@ the ``Pool``, never the executor, so an executor that is dropped without
 Who owns what (every piece of shared state has one owner):
 
 * ``lock``: the inbox, the pool's counters (accepted, rejected), ``closed``,
-  ``halt``, and the threads: the dispatcher, which
+  ``halt``, the submits waiting for room, and the threads: the dispatcher, which
   workers have started, and the list that ``join()`` waits for. Submit, the
   dispatcher and the workers each hold it for a few lines at a time, never
   while running a task. Threads start under it (a submit starts one for
@@ -17,8 +17,9 @@ Who owns what (every piece of shared state has one owner):
   "help with unkeyed work, or sleep" under it, and the dispatcher hands out
   unkeyed work and wakes sleepers under it, so no wake-up is ever lost.
 * Each worker's ``lock``: that worker's counters (routed, finished, completed,
-  failed, cancelled). Pending = submitted - done, with done summed over the
-  workers; submit adds them up only when a cheap lower bound says "maybe full".
+  failed, cancelled) and its ``room_wanted`` flag. Pending = submitted - done,
+  with done summed over the workers; submit adds them up only when a cheap
+  lower bound says "maybe full".
 * The dispatcher thread: routing (which worker stands in for one whose
   thread could not start).
 * Each worker's thread: its running batch and task.
@@ -42,7 +43,7 @@ from ._local import current_worker
 from ._task import Task
 from ._worker import WAKE, Worker, work
 
-__all__ = ["Pool", "CANCELLING"]
+__all__ = ["Pool", "RoomWaiter", "CANCELLING"]
 
 #: ``Pool.halt`` while ``shutdown(cancel_futures=True)`` is cancelling.
 CANCELLING = "cancelling"
@@ -62,6 +63,23 @@ def _new_thread(
             name=name, target=target, args=args, context=Context()
         )
     return threading.Thread(name=name, target=target, args=args)
+
+
+#: RoomWaiter.state: in ``Pool.room_waiters``; taken off it and woken; done with.
+WAITING, WOKEN, SETTLED = 0, 1, 2
+
+
+class RoomWaiter:
+    """A submit waiting for room in a full pool (see ``Pool.admit``)."""
+
+    __slots__ = ("wake", "state")
+
+    def __init__(self) -> None:
+        #: Held until a finished task (or shutdown) wakes the submit.
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        #: Owner: the pool's lock (``Pool.lock``).
+        self.state = WAITING
 
 
 class Pool:
@@ -99,8 +117,6 @@ class Pool:
         self.lock = threading.Lock()
         #: One per worker; the list never changes (each Worker says who owns what).
         self.workers = [Worker(i, self) for i in range(self.max_workers)]
-        #: Submitters wait on it for room; workers notify it as tasks finish.
-        self.space = threading.Condition(self.lock)
         #: The dispatcher waits on it for tasks; submit and stop notify it.
         self.inbox_ready = threading.Condition(self.lock)
         # -- owner: lock ---------------------------------------------------------
@@ -121,8 +137,9 @@ class Pool:
         #: With routing="affinity": how many times a key went to another worker
         #: than its last one (the dispatcher adds to it as it routes).
         self.key_moves = 0
-        #: Submitters waiting for room (see Worker.room_wanted).
-        self.space_wanted = 0
+        #: Submits waiting for room, longest waiting first (see admit and
+        #: Worker.room_wanted).
+        self.room_waiters: deque[RoomWaiter] = deque()
         #: True while the dispatcher waits on ``inbox_ready``.
         self.dispatcher_waiting = False
         #: None while running; CANCELLING, or a BrokenKeyedPool, when tasks must
@@ -155,30 +172,73 @@ class Pool:
     # -- submit side -----------------------------------------------------------
 
     def admit(self, task: Task, block: bool, timeout: float | None) -> None:
-        """Accept *task* or raise; on success it is on its way to a worker."""
-        with self.lock:
-            if self.closed or self.halt is not None or _process.exiting:
-                self._check_open()
-            if (
-                self.accepted + len(self.inbox) - self.done_seen >= self.max_pending
-                and self._full()
-            ):
-                self._wait_for_space(block, timeout)
-            if self.dispatcher is None:
-                self._start_dispatcher()
-            if task.key is None and self.unstarted:
-                self._maybe_start_for_unkeyed()
-            if self.dispatcher_waiting:
-                # Notify first, then clear the flag: if anything interrupts us
-                # in between, the flag stays set and the next submit notifies.
-                self.inbox_ready.notify()
-                self.dispatcher_waiting = False
-            if task.key is None:
-                # Counted before it is accepted: if we are interrupted in
-                # between, the count is one high until the dispatcher takes the
-                # inbox, which can only start a worker a little early.
-                self.unkeyed_in_inbox += 1
-            self.inbox.append(task)  # accepted
+        """Accept *task* or raise; on success it is on its way to a worker.
+
+        When the pool is full this waits for room outside the pool's lock,
+        and takes the lock again only with ``with``: a KeyboardInterrupt can
+        land anywhere in here (submit runs on the main thread), and a lock
+        re-acquired by hand (as ``threading.Condition.wait`` does) can be
+        left released, or released twice, by one.
+        """
+        waiting: RoomWaiter | None = None
+        deadline: float | None = None
+        try:
+            while True:
+                with self.lock:
+                    if self.closed or self.halt is not None or _process.exiting:
+                        self._check_open()
+                    while (
+                        self.accepted + len(self.inbox) - self.done_seen >= self.max_pending
+                        and self._full()
+                    ):
+                        if waiting is None or waiting.state == WOKEN:
+                            # Full: wait for room (or refuse), and say so before
+                            # reading the counts again, so that a task that ends
+                            # after that read wakes us.
+                            if waiting is None:
+                                self._may_wait(block)
+                                if timeout is not None:
+                                    deadline = monotonic() + timeout
+                            waiting = RoomWaiter()
+                            self._want_room(waiting)
+                            continue
+                        if deadline is not None and deadline - monotonic() <= 0:
+                            self.rejected += 1
+                            raise PoolFull(self._full_message(f" (waited {timeout:g} s)"))
+                        break
+                    else:
+                        if waiting is not None:
+                            self._stopped_waiting(waiting, accepted=True)
+                        self._accept(task)
+                        return
+                # Full, and registered in room_waiters: sleep until a task ends.
+                if deadline is None:
+                    waiting.wake.acquire()
+                else:
+                    waiting.wake.acquire(True, max(0.0, deadline - monotonic()))
+        finally:
+            # Not SETTLED: we leave without the room (an error, an interrupt).
+            # Only this thread settles it, so this read needs no lock.
+            if waiting is not None and waiting.state != SETTLED:
+                self._give_up_room(waiting)
+
+    def _accept(self, task: Task) -> None:
+        # With self.lock held and room for the task.
+        if self.dispatcher is None:
+            self._start_dispatcher()
+        if task.key is None and self.unstarted:
+            self._maybe_start_for_unkeyed()
+        if self.dispatcher_waiting:
+            # Notify first, then clear the flag: if anything interrupts us
+            # in between, the flag stays set and the next submit notifies.
+            self.inbox_ready.notify()
+            self.dispatcher_waiting = False
+        if task.key is None:
+            # Counted before it is accepted: if we are interrupted in
+            # between, the count is one high until the dispatcher takes the
+            # inbox, which can only start a worker a little early.
+            self.unkeyed_in_inbox += 1
+        self.inbox.append(task)  # accepted
 
     def _check_open(self) -> None:
         # With self.lock held.
@@ -191,8 +251,9 @@ class Pool:
         if self.closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def _wait_for_space(self, block: bool, timeout: float | None) -> None:
-        # With self.lock held and the pool full.
+    def _may_wait(self, block: bool) -> None:
+        # With self.lock held and the pool full: raise PoolFull if this submit
+        # must not wait for room.
         if not block:
             self.rejected += 1
             raise PoolFull(self._full_message(""))
@@ -211,36 +272,66 @@ class Pool:
                     "or raise max_pending",
                 )
             )
-        deadline = None if timeout is None else monotonic() + timeout
-        # Say we wait, in every worker, before reading the counts again: a task
-        # that ends after our read then sees that someone waits, and wakes us.
-        self.space_wanted += 1
-        for worker in self.workers:
-            with worker.lock:
-                worker.room_wanted += 1
-        try:
-            while self._full():
-                if deadline is None:
-                    self.space.wait()
-                else:
-                    remaining = deadline - monotonic()
-                    if remaining <= 0:
-                        self.rejected += 1
-                        raise PoolFull(self._full_message(f" (waited {timeout:g} s)"))
-                    self.space.wait(remaining)
-                self._check_open()
-        finally:
-            self.space_wanted -= 1
+
+    def _want_room(self, waiting: RoomWaiter) -> None:
+        # With self.lock held. Workers look at their own room_wanted flag (under
+        # their own lock) after each task: all flags are set while anyone waits.
+        if not self.room_waiters:
             for worker in self.workers:
                 with worker.lock:
-                    worker.room_wanted -= 1
+                    worker.room_wanted = True
+        self.room_waiters.append(waiting)
+
+    def _wake_one(self) -> None:
+        # With self.lock held: room was freed; the longest waiting submit looks.
+        if self.room_waiters:
+            waiting = self.room_waiters.popleft()
+            waiting.state = WOKEN
+            waiting.wake.release()
+        else:
+            for worker in self.workers:
+                with worker.lock:
+                    worker.room_wanted = False
+
+    def _wake_all(self) -> None:
+        # With self.lock held: the pool closed or broke; every waiting submit
+        # must look (and raise).
+        while self.room_waiters:
+            self._wake_one()
+
+    def _stopped_waiting(self, waiting: RoomWaiter, accepted: bool) -> None:
+        # With self.lock held: *waiting* leaves, with the room or without it.
+        if waiting.state == WAITING:
+            try:
+                self.room_waiters.remove(waiting)
+            except ValueError:  # interrupted before _want_room added it
+                pass
+        elif waiting.state == WOKEN and not accepted:
+            # It was woken for room it will not take: pass the wake-up on.
+            self._wake_one()
+        waiting.state = SETTLED
+
+    def _give_up_room(self, waiting: RoomWaiter) -> None:
+        # A submit that waited leaves without its task accepted. This must
+        # happen even if another interrupt lands here, or a wake-up meant
+        # for it would be lost, and another waiting submit might sleep for good.
+        interrupted: BaseException | None = None
+        while waiting.state != SETTLED:
+            try:
+                with self.lock:
+                    if waiting.state != SETTLED:
+                        self._stopped_waiting(waiting, accepted=False)
+            except BaseException as exc:  # an interrupt while taking the lock
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
     def done(self) -> int:
         """Tasks finished, failed or cancelled, over all workers (each read under its lock)."""
         total = 0
         for worker in self.workers:
             with worker.lock:
-                total += worker.completed + worker.failed + worker.cancelled
+                total += sum(worker.ended)
         return total
 
     def _full(self) -> bool:
@@ -249,9 +340,9 @@ class Pool:
         return self.accepted + len(self.inbox) - self.done_seen >= self.max_pending
 
     def room_freed(self) -> None:
-        """A task ended while a submit waits for room: wake one up."""
+        """A task ended while a submit may wait for room: wake one up."""
         with self.lock:
-            self.space.notify()
+            self._wake_one()
 
     def _full_message(self, waited: str, advice: str = "") -> str:
         # *waited*: "" for a submit that did not wait (on_full="raise"), else
@@ -341,7 +432,7 @@ class Pool:
         one task: the tasks of other keys can run elsewhere. All of a key's
         tasks on the worker are taken, in their order, so the key keeps its
         order wherever it goes next. Under the worker's lock, where it claims
-        each task before it starts it (``Worker.claim``).
+        each task before it starts it (``Worker.advance``).
         """
         taken: list[Task] = []
         with worker.lock:
@@ -487,7 +578,7 @@ class Pool:
     def fail_unrunnable(self, tasks: list[Task], reason: BaseException) -> None:
         """Fail tasks that no thread can run (no worker thread could start)."""
         for task in tasks:
-            self.workers[0].count(task.abandon(reason), False)
+            self.workers[0].count(task.abandon(reason))
 
     # -- worker side ----------------------------------------------------------------
 
@@ -529,7 +620,7 @@ class Pool:
         with self.lock:
             if not isinstance(self.halt, BaseException):
                 self.halt = BrokenKeyedPool(reason)
-            self.space.notify_all()
+            self._wake_all()
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -539,7 +630,7 @@ class Pool:
             self.closed = True
             # The dispatcher routes what is left, then stops the workers.
             self.inbox_ready.notify()
-            self.space.notify_all()
+            self._wake_all()
             dispatcher = self.dispatcher
         if cancel_futures:
             self._cancel_queued(dispatcher)

@@ -109,7 +109,7 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
         counts = []
         for w in pool.workers:
             with w.lock:
-                counts.append((w.routed - w.finished, w.completed, w.failed, w.cancelled))
+                counts.append((w.routed - w.finished, *w.ended))
         waiting = len(pool.inbox)
         submitted = pool.accepted + waiting
         in_transit = pool.routing + waiting

@@ -15,7 +15,7 @@ from queue import SimpleQueue
 from typing import TYPE_CHECKING
 
 from ._local import set_current_worker
-from ._task import CANCELLED, COMPLETED, Task
+from ._task import Task
 
 if TYPE_CHECKING:
     from ._pool import Pool
@@ -59,16 +59,16 @@ class Worker:
         #: Tasks routed here (by the dispatcher) and finished (by this worker).
         self.routed = 0
         self.finished = 0
-        #: All tasks this worker ran or skipped, keyed or not.
-        self.completed = 0
-        self.failed = 0
-        self.cancelled = 0
-        #: Submitters waiting for room. Each registers in every worker before it
-        #: reads the counts, so a task that ends after that read sees it here.
-        self.room_wanted = 0
+        #: All tasks this worker ran or skipped, keyed or not, by how they
+        #: ended: ``ended[COMPLETED]``, ``ended[FAILED]``, ``ended[CANCELLED]``.
+        self.ended = [0, 0, 0]
+        #: True while a submit waits for room (set in every worker, under the
+        #: pool's lock, before that submit reads the counts again: a task that
+        #: ends after that read sees it here, and wakes the submit).
+        self.room_wanted = False
         #: With routing="affinity", the dispatcher may take back tasks queued
         #: here that have not started (it puts None in their place in
-        #: ``batch`` or ``batches``; see ``claim`` and ``Pool.take_back``).
+        #: ``batch`` or ``batches``; see ``advance`` and ``Pool.take_back``).
         #: The task of our own queue that runs now (None between them), and
         #: where it is in ``batch``: what comes after it has not started.
         self.claimed: Task | None = None
@@ -127,35 +127,46 @@ class Worker:
         finally:
             lock.release()
 
-    def end_batch(self) -> None:
-        """The batch is run (or taken back)."""
-        lock = self.lock
-        lock.acquire()
-        try:
-            self.batch = []
-        finally:
-            lock.release()
+    def advance(self, outcome: int, position: int) -> int:
+        """Count the task of ``batch`` that just ended, and start the next one.
 
-    def claim(self, position: int) -> Task | None:
-        """Start the task at *position* in ``batch``; ``None`` if the dispatcher took it back.
+        *outcome* is how the task ended (negative: no task ended, the batch
+        starts). The next task is the first at or after *position* that the
+        dispatcher did not take back; its position is returned, or
+        ``len(batch)`` when the batch is done. One lock for both, per task.
 
         Under ``lock``, as ``Pool.take_back`` is: a task is either started
         here or taken back, never both, and a key's tasks are taken back
-        only while none of them has started here.
+        only while none of them has started here. Called after the worker
+        dropped its reference to the task that ended, so the caller's
+        ``result()`` returning means the pool holds the task no more.
         """
         lock = self.lock
         lock.acquire()
         try:
-            task = self.batch[position]
-            if task is not None:
-                self.claimed = task
+            if outcome >= 0:
+                self.ended[outcome] += 1
+                self.finished += 1
+            batch = self.batch
+            end = len(batch)
+            while position < end and batch[position] is None:
+                position += 1  # taken back: it runs on another worker
+            if position < end:
+                self.claimed = batch[position]
                 self.claimed_at = position
-            return task
+            else:
+                self.claimed = None
+                self.batch = []
+            room_wanted = self.room_wanted
         finally:
             lock.release()
+        if room_wanted and outcome >= 0:
+            # Its room is free, and a submit waits for room.
+            self.pool.room_freed()
+        return position
 
-    def count(self, outcome: int, own: bool) -> None:
-        """Count a task that ended; *own*: it was routed here (not taken from the unkeyed queue).
+    def count(self, outcome: int) -> None:
+        """Count an unkeyed task that ended (``advance`` counts the worker's own).
 
         Called after the worker dropped its reference to the task, so the
         caller's ``result()`` returning means the pool holds the task no more.
@@ -165,15 +176,7 @@ class Worker:
         lock = self.lock
         lock.acquire()
         try:
-            if outcome == COMPLETED:
-                self.completed += 1
-            elif outcome == CANCELLED:
-                self.cancelled += 1
-            else:
-                self.failed += 1
-            if own:
-                self.finished += 1
-                self.claimed = None
+            self.ended[outcome] += 1
             room_wanted = self.room_wanted
         finally:
             lock.release()
@@ -200,9 +203,7 @@ def work(worker: Worker, pool: Pool) -> None:
     take_unkeyed = pool.take_unkeyed
     run = worker.run
     count = worker.count
-    # Only with affinity routing can the dispatcher take tasks back (hash
-    # routing fixes each key's worker): then each task is claimed first.
-    claim = worker.claim if pool.routing_mode == "affinity" else None
+    advance = worker.advance
     task: Task | None
 
     while True:
@@ -218,7 +219,7 @@ def work(worker: Worker, pool: Pool) -> None:
             if task is not None:
                 outcome = run(task, True)
                 task = None
-                count(outcome, False)
+                count(outcome)
                 continue
         item = get()
         if item is STOP:
@@ -230,17 +231,15 @@ def work(worker: Worker, pool: Pool) -> None:
             if task is not None:
                 outcome = run(task, True)
                 task = None
-                count(outcome, False)
+                count(outcome)
         elif item:
             worker.next_batch(item)
-            for i, task in enumerate(item):
-                if claim is not None and (task := claim(i)) is None:
-                    continue  # taken back: it runs on another worker
-                outcome = run(task)
-                # Let go of the finished task before counting it (see count).
-                item[i] = task = None  # type: ignore[call-overload]
-                count(outcome, True)
-            worker.end_batch()
+            i = advance(-1, 0)
+            while i < len(item):
+                outcome = run(item[i])  # advance skips the taken-back (None) slots
+                # Let go of the finished task before counting it (see advance).
+                item[i] = None  # type: ignore[call-overload]
+                i = advance(outcome, i + 1)
         # Drop our references before we sleep, so finished futures (and their
         # results) can be freed as soon as their callers let go of them.
         item = task = None
@@ -249,4 +248,4 @@ def work(worker: Worker, pool: Pool) -> None:
     while (task := pool.take_unkeyed(None)) is not None:
         outcome = run(task)
         task = None
-        count(outcome, False)
+        count(outcome)

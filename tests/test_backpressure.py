@@ -64,7 +64,7 @@ def test_block_waits_for_room_then_accepts() -> None:
         submitter = threading.Thread(target=lambda: result.append(pool.submit("late", int, 7)))
         submitter.start()
         # The submitter is inside submit, waiting for room.
-        wait_until(lambda: pool._pool.space_wanted == 1)
+        wait_until(lambda: len(pool._pool.room_waiters) == 1)
         assert not result and pool.stats().submitted == 4
         release.set()
         submitter.join(TIMEOUT)
@@ -126,7 +126,7 @@ def test_shutdown_wakes_a_blocked_submitter_with_runtime_error() -> None:
 
     submitter = threading.Thread(target=late)
     submitter.start()
-    wait_until(lambda: pool._pool.space_wanted == 1)
+    wait_until(lambda: len(pool._pool.room_waiters) == 1)
     pool.shutdown(wait=False)
     submitter.join(TIMEOUT)
     assert isinstance(errors[0], RuntimeError)

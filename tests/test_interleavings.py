@@ -269,8 +269,13 @@ def test_keyboard_interrupt_while_submit_starts_a_thread(
     "no Python code can close that window (the tests above cover submit's own windows)",
 )
 def test_keyboard_interrupts_anywhere_in_submit_lose_nothing() -> None:
-    # Interrupt a submit loop at random points, as Ctrl-C would. Whatever a
-    # submit accepted must run; whatever it did not must not be counted.
+    # Interrupt a submit loop at random points, as Ctrl-C would, on a pool that
+    # is often full (so many interrupts land while submit waits for room, or
+    # takes the pool's lock back after waiting). Whatever a submit accepted
+    # must run; whatever it did not must not be counted; the pool's lock must
+    # never be left held or released twice (this once raised "release unlocked
+    # lock"), and no wake-up may be lost: another thread's submits, which wait
+    # for room too, must all get in.
     armed = [False]
 
     def interrupt(signum: int, frame: object) -> None:
@@ -279,12 +284,25 @@ def test_keyboard_interrupts_anywhere_in_submit_lose_nothing() -> None:
             raise KeyboardInterrupt
 
     futures: list[Future[Any]] = []
+    others: list[Future[Any]] = []
     interrupts = 0
     old = signal.signal(signal.SIGVTALRM, interrupt)
-    pool = KeyedPoolExecutor(4, max_pending=50)
+    pool = KeyedPoolExecutor(4, max_pending=20)
+    stop = threading.Event()
+
+    def other_submitter() -> None:
+        while not stop.is_set():
+            others.append(pool.submit("other", int, 1))
+
+    other = threading.Thread(target=other_submitter)
+    other.start()
     try:
         signal.setitimer(signal.ITIMER_VIRTUAL, 0.0002, 0.0002)
-        for i in range(3000):
+        # Until enough interrupts landed (each lands wherever the submit is),
+        # with an upper bound so that a timer that never fires fails the test.
+        i = 0
+        while interrupts < 200 and i < 300_000:
+            i += 1
             try:
                 armed[0] = True
                 futures.append(pool.submit(None if i % 3 == 0 else f"k{i % 5}", int, i))
@@ -295,13 +313,16 @@ def test_keyboard_interrupts_anywhere_in_submit_lose_nothing() -> None:
         armed[0] = False
         signal.setitimer(signal.ITIMER_VIRTUAL, 0)
         signal.signal(signal.SIGVTALRM, old)
+        stop.set()
+        other.join(TIMEOUT)
         pool.shutdown(wait=True)
+    assert not other.is_alive(), "a submit waiting for room was never woken"
     stats = pool.stats()
-    assert interrupts > 0
-    assert all(f.done() for f in futures)
+    assert interrupts == 200
+    assert all(f.done() for f in futures + others)
     assert stats.pending == 0
     assert stats.submitted == stats.completed + stats.failed + stats.cancelled
-    assert stats.submitted >= len(futures)
+    assert stats.submitted >= len(futures) + len(others)
 
 
 # -- 6. unkeyed work never waits while a worker is free ---------------------------------
