@@ -11,7 +11,7 @@ CHARGE SHIP
 from ._errors import BrokenKeyedPool, DeadlockError, PoolFull
 from ._executor import KeyedPoolExecutor, default_max_workers
 from ._routing import Key, key_bytes
-from ._stats import KeyBacklog, PoolStats, WorkerStats
+from ._stats import KeyBacklog, PoolStats, TaskSeconds, WorkerStats
 from ._threadpool import ThreadPoolExecutor
 from ._views import KeyExecutor
 
@@ -26,6 +26,7 @@ __all__ = [
     "KeyedPoolExecutor",
     "PoolFull",
     "PoolStats",
+    "TaskSeconds",
     "ThreadPoolExecutor",
     "WorkerStats",
     "__version__",

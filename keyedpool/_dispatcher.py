@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from ._routing import SEED, Key, key_bytes, mmh3_hash, two_choices
 from ._task import Task
+from ._watch import Watch
 from ._worker import STOP
 
 if TYPE_CHECKING:
@@ -47,10 +48,16 @@ __all__ = ["Affinity", "dispatch", "place"]
 def dispatch(pool: Pool) -> None:
     """The dispatcher thread's loop: route every accepted task, then stop the workers."""
     affinity = Affinity(pool) if pool.routing_mode == "affinity" else None
+    slow = pool.slow_task_warning
+    watch = Watch(pool, slow) if slow is not None else None
     while True:
         # With affinity, look again now and then while workers have work, for
-        # one that is stuck with tasks queued behind it.
-        tasks, last = pool.take_inbox(None if affinity is None else affinity.next_look())
+        # one that is stuck with tasks queued behind it; with warnings, for
+        # slow tasks.
+        timeout = None if affinity is None else affinity.next_look()
+        if watch is not None:
+            timeout = watch.timeout(timeout)
+        tasks, last = pool.take_inbox(timeout)
         try:
             if affinity is not None:
                 # First, so that tasks taken back go before newer ones of their key.
@@ -60,6 +67,8 @@ def dispatch(pool: Pool) -> None:
                     place(pool, tasks)
                 else:
                     affinity.place(tasks)
+            if watch is not None:
+                watch.look(bool(tasks))
         except BaseException:  # pragma: no cover - a bug: keep the pool alive
             pool.logger.critical("keyedpool: error in the dispatcher", exc_info=True)
         # Drop our references before we wait: the futures (and their results)

@@ -49,9 +49,9 @@ class KeyedPoolExecutor:
     """Run blocking calls on a fixed set of threads: in order per key, concurrently across keys.
 
     Each of ``max_workers`` OS threads has its own FIFO queue. A dispatcher
-    thread routes each task by the mmh3 hash of its key, so all tasks of one key
-    run on one worker, one at a time, in submit order; different keys run
-    concurrently. Tasks with ``key=None`` go to whichever worker is free.
+    thread puts each task on a worker's queue: a key's tasks run one at a
+    time, in submit order; different keys run concurrently. Tasks with
+    ``key=None`` go to whichever worker is free.
 
     Args:
         max_workers: the number of worker threads. Default: 16 per CPU, at most 128.
@@ -82,6 +82,16 @@ class KeyedPoolExecutor:
             holds up only itself. ``"hash"``: a key always runs on the worker
             its mmh3 hash picks (:meth:`worker_index`), the same in every
             process and run. Order per key is the same in both.
+        slow_task_warning: log a warning (on the ``"keyedpool"`` logger) about
+            a task that has been running longer than this many seconds, once
+            per task, with its key, function, worker and stack; and about a
+            key with 100 or more tasks waiting whose backlog keeps growing.
+            Checked every few seconds while the pool has work, never per
+            task. Default: 60 s. ``None`` turns it off.
+        timing: count how long each task waited (from submit to its start)
+            and ran, in ``stats().wait_seconds`` and ``run_seconds`` (and the
+            ``keyedpool_task_seconds`` Prometheus histogram). Costs two clock
+            reads and a lock per task, so it is off by default.
     """
 
     def __init__(
@@ -97,6 +107,8 @@ class KeyedPoolExecutor:
         copy_context: bool = True,
         log_unretrieved: bool = True,
         routing: Routing = "affinity",
+        slow_task_warning: float | None = 60.0,
+        timing: bool = False,
     ) -> None:
         if max_workers is None:
             max_workers = default_max_workers()
@@ -113,6 +125,19 @@ class KeyedPoolExecutor:
             raise ValueError(
                 f"keyedpool: routing must be 'affinity' or 'hash', not {routing!r}"
             )
+        if slow_task_warning is not None:
+            if isinstance(slow_task_warning, bool) or not isinstance(
+                slow_task_warning, (int, float)
+            ):
+                raise TypeError(
+                    "slow_task_warning must be a number of seconds or None, "
+                    f"not {slow_task_warning!r}"
+                )
+            if not (math.isfinite(slow_task_warning) and slow_task_warning > 0):
+                raise ValueError(
+                    "slow_task_warning must be a finite number of seconds > 0, "
+                    f"not {slow_task_warning!r} (None turns the warning off)"
+                )
         self._routing = routing
         self._block = on_full == "block"
         self._full_timeout = full_timeout
@@ -125,7 +150,10 @@ class KeyedPoolExecutor:
             initializer,
             tuple(initargs),
             routing,
+            None if slow_task_warning is None else float(slow_task_warning),
+            bool(timing),
         )
+        self._timing = bool(timing)
         # If the executor is dropped without shutdown(), its threads still stop
         # (after finishing what they hold): they hold the Pool, not the executor.
         weakref.finalize(self, self._pool.stop, False)
@@ -206,6 +234,8 @@ class KeyedPoolExecutor:
             copy_context() if self._copy_context else None,
             self._log_unretrieved,
         )
+        if self._timing:
+            task.queued_at = monotonic()
         pool.admit(task, block, timeout)
         return task
 

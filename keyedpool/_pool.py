@@ -93,8 +93,14 @@ class Pool:
         initializer: Callable[..., object] | None,
         initargs: tuple[Any, ...],
         routing: str = "hash",
+        slow_task_warning: float | None = None,
+        timing: bool = False,
     ) -> None:
         self.max_workers = max_workers
+        #: Count how long each task waited and ran (Worker.timed_run).
+        self.timing = timing
+        #: Seconds after which a running task is logged (see _watch); None: never.
+        self.slow_task_warning = slow_task_warning
         #: "affinity" or "hash" (see _dispatcher).
         self.routing_mode = routing
         self.max_pending = max_pending
@@ -333,6 +339,11 @@ class Pool:
             with worker.lock:
                 total += sum(worker.ended)
         return total
+
+    def pending(self) -> int:
+        """Tasks accepted and not finished (queued, running, or not routed yet)."""
+        with self.lock:
+            return self.accepted + len(self.inbox) - self.done()
 
     def _full(self) -> bool:
         # With self.lock held; the cheap bound said full: add up the counts to be sure.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -13,7 +15,54 @@ if TYPE_CHECKING:
     from ._task import Task
     from ._worker import Worker
 
-__all__ = ["KeyBacklog", "PoolStats", "WorkerStats", "snapshot"]
+__all__ = ["KeyBacklog", "PoolStats", "TaskSeconds", "WorkerStats", "TIME_BUCKETS", "snapshot"]
+
+#: Upper bounds (seconds) of the buckets of ``TaskSeconds``, from 100 us to a
+#: minute; a last bucket, ``inf``, takes the rest.
+TIME_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, math.inf,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TaskSeconds:
+    """How long tasks waited, or ran: a histogram (pools made with ``timing=True``)."""
+
+    #: Upper bounds of the buckets, in seconds (the last is ``inf``).
+    buckets: tuple[float, ...]
+    #: Per bucket, the tasks that took at most its bound (cumulative, as in Prometheus).
+    counts: tuple[int, ...]
+    #: All tasks counted, and their seconds added up.
+    count: int
+    sum: float
+
+    def quantile(self, q: float) -> float:
+        """The bucket bound under which a share *q* (0 to 1) of the tasks fall.
+
+        An upper estimate, as precise as the buckets; ``0.0`` when nothing was counted.
+        """
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"q must be between 0 and 1, not {q!r}")
+        if self.count == 0:
+            return 0.0
+        wanted = q * self.count
+        for bound, count in zip(self.buckets, self.counts, strict=True):
+            if count >= wanted:
+                return bound
+        return math.inf  # pragma: no cover - counts[-1] == count
+
+
+def _seconds(per_worker: list[tuple[list[int], float]]) -> TaskSeconds:
+    # Add up the workers' bucket counts (each a count per bucket, not cumulative).
+    counts = [0] * len(TIME_BUCKETS)
+    total = 0.0
+    for buckets, seconds in per_worker:
+        for i, n in enumerate(buckets):
+            counts[i] += n
+        total += seconds
+    cumulative = list(itertools.accumulate(counts))
+    return TaskSeconds(TIME_BUCKETS, tuple(cumulative), cumulative[-1], total)
 
 
 @dataclass(frozen=True)
@@ -72,6 +121,10 @@ class PoolStats:
     #: With ``routing="affinity"``: how many times a key's task went to another
     #: worker than the key's previous task (always 0 with ``routing="hash"``).
     key_moves: int = 0
+    #: With ``timing=True``: how long tasks waited, from submit to their start,
+    #: and how long they ran (``None`` otherwise).
+    wait_seconds: TaskSeconds | None = None
+    run_seconds: TaskSeconds | None = None
 
     def table(self) -> str:
         """The snapshot as a small text table, one row per worker."""
@@ -107,9 +160,14 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
     # pending, the difference, is between 0 and what it was when we started.
     with pool.lock:
         counts = []
+        waits: list[tuple[list[int], float]] = []
+        runs: list[tuple[list[int], float]] = []
         for w in pool.workers:
             with w.lock:
                 counts.append((w.routed - w.finished, *w.ended))
+                if pool.timing:
+                    waits.append((list(w.waits), w.wait_sum))
+                    runs.append((list(w.runs), w.run_sum))
         waiting = len(pool.inbox)
         submitted = pool.accepted + waiting
         in_transit = pool.routing + waiting
@@ -166,6 +224,8 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
         ),
         keys_bound=len(keys),
         key_moves=key_moves,
+        wait_seconds=_seconds(waits) if pool.timing else None,
+        run_seconds=_seconds(runs) if pool.timing else None,
     )
 
 

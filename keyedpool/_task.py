@@ -120,6 +120,7 @@ class Task(Future, RLock):  # type: ignore[type-arg,misc]
         "_waiter_list",
         "_callback_list",
         "_sleepers",
+        "queued_at",
     )
 
     #: The index of the worker it was placed on (``None`` until then, or if
@@ -140,6 +141,9 @@ class Task(Future, RLock):  # type: ignore[type-arg,misc]
     #: Locks of the threads waiting in ``wait``, each held until notified.
     #: Owner: this task's lock. Made on the first wait.
     _sleepers: list[Any] | None
+    #: With ``timing=True``: ``time.monotonic()`` when submit accepted it (0.0
+    #: otherwise). Set by submit before the task is shared, then only read.
+    queued_at: float
 
     # -- the condition ------------------------------------------------------------
     # threading.Condition's wait and notify_all on the task's own lock. Future
@@ -299,6 +303,7 @@ class Task(Future, RLock):  # type: ignore[type-arg,misc]
         self._waiter_list = None
         self._callback_list = None
         self._sleepers = None
+        self.queued_at = 0.0
 
     # -- the outcome, with the self-deadlock check ----------------------------
 

@@ -74,6 +74,7 @@ class ThreadPoolExecutor(StdlibThreadPoolExecutor):
             copy_context=copy_context,
             log_unretrieved=log_unretrieved,
             routing="hash",  # no keys here: nothing to route, nothing to watch
+            slow_task_warning=None,  # the standard pool warns about nothing
         )
         # (StdlibThreadPoolExecutor.__init__ is not called: its queue and
         # threads would never be used.)

@@ -10,11 +10,14 @@ another worker is idle.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections import deque
 from queue import SimpleQueue
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from ._local import set_current_worker
+from ._stats import TIME_BUCKETS
 from ._task import Task
 
 if TYPE_CHECKING:
@@ -62,6 +65,13 @@ class Worker:
         #: All tasks this worker ran or skipped, keyed or not, by how they
         #: ended: ``ended[COMPLETED]``, ``ended[FAILED]``, ``ended[CANCELLED]``.
         self.ended = [0, 0, 0]
+        #: With ``timing=True``: tasks by how long they waited for this worker
+        #: and how long they ran here (a count per ``TIME_BUCKETS`` bucket),
+        #: and the seconds added up.
+        self.waits = [0] * len(TIME_BUCKETS)
+        self.runs = [0] * len(TIME_BUCKETS)
+        self.wait_sum = 0.0
+        self.run_sum = 0.0
         #: True while a submit waits for room (set in every worker, under the
         #: pool's lock, before that submit reads the counts again: a task that
         #: ends after that read sees it here, and wakes the submit).
@@ -106,6 +116,24 @@ class Worker:
             # and the worker must live on to run the rest of its queue.
             self.pool.logger.critical("exception calling callback for %r", task, exc_info=True)
             return task.outcome
+
+    def timed_run(self, task: Task, unkeyed: bool = False) -> int:
+        """``run``, and count how long the task waited and ran (pools with ``timing=True``)."""
+        queued_at = task.queued_at
+        started = monotonic()
+        outcome = self.run(task, unkeyed)
+        ran = monotonic() - started
+        waited = started - queued_at if queued_at else 0.0
+        lock = self.lock
+        lock.acquire()
+        try:
+            self.waits[bisect_left(TIME_BUCKETS, waited)] += 1
+            self.wait_sum += waited
+            self.runs[bisect_left(TIME_BUCKETS, ran)] += 1
+            self.run_sum += ran
+        finally:
+            lock.release()
+        return outcome
 
     def rest(self) -> None:
         """An unkeyed call returned, its future not yet resolved: be idle now if nothing waits.
@@ -201,7 +229,8 @@ def work(worker: Worker, pool: Pool) -> None:
     get = worker.queue.get
     queue_empty = worker.queue.empty
     take_unkeyed = pool.take_unkeyed
-    run = worker.run
+    # With timing=True each task's wait and run time is counted too.
+    run = worker.timed_run if pool.timing else worker.run
     count = worker.count
     advance = worker.advance
     task: Task | None

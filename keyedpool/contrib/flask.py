@@ -47,6 +47,8 @@ Configuration (``app.config``, read by ``init_app``):
   :class:`keyedpool.PoolFull` (default ``None``: wait as long as it takes);
 * ``KEYEDPOOL_THREAD_NAME_PREFIX``: thread names (default ``"keyedpool-<app name>"``);
 * ``KEYEDPOOL_ROUTING``: ``"affinity"`` (default) or ``"hash"`` (a fixed worker per key);
+* ``KEYEDPOOL_SLOW_TASK_WARNING``: log a task running longer than this many seconds
+  (default 60; ``None``: never);
 * ``KEYEDPOOL_MAX_STORED_JOBS``: how many jobs ``submit_stored`` remembers (default 1000).
 """
 
@@ -80,6 +82,7 @@ _CONFIG_KEYS = {
     "full_timeout": "KEYEDPOOL_FULL_TIMEOUT",
     "thread_name_prefix": "KEYEDPOOL_THREAD_NAME_PREFIX",
     "routing": "KEYEDPOOL_ROUTING",
+    "slow_task_warning": "KEYEDPOOL_SLOW_TASK_WARNING",
 }
 
 __all__ = ["CONFIG_DEFAULTS", "Job", "KeyedPool", "StoredJobs", "job_status"]
@@ -95,6 +98,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "KEYEDPOOL_FULL_TIMEOUT": None,
     "KEYEDPOOL_THREAD_NAME_PREFIX": None,
     "KEYEDPOOL_ROUTING": "affinity",
+    "KEYEDPOOL_SLOW_TASK_WARNING": 60.0,
     "KEYEDPOOL_MAX_STORED_JOBS": 1000,
 }
 
@@ -539,6 +543,7 @@ def _make_executor(config: Any, app_name: str) -> KeyedPoolExecutor:
             full_timeout=config["KEYEDPOOL_FULL_TIMEOUT"],
             thread_name_prefix=f"keyedpool-{app_name}" if prefix is None else prefix,
             routing=config["KEYEDPOOL_ROUTING"],
+            slow_task_warning=config["KEYEDPOOL_SLOW_TASK_WARNING"],
             copy_context=True,  # the submitter's contextvars must reach the task
         )
     except (TypeError, ValueError) as exc:

@@ -3,14 +3,15 @@
     pip install 'keyedpool[prometheus]'
 
 >>> from prometheus_client import start_http_server
->>> from keyedpool import KeyedPoolExecutor
+>>> from keyedpool import KeyedPoolExecutor, TaskSeconds
 >>> from keyedpool.contrib.prometheus import register
 >>> pool = KeyedPoolExecutor(32)
 >>> register(pool, "orders")          # on prometheus_client's default registry
 >>> start_http_server(9100)           # then scrape http://<host>:9100/metrics
 
-Nothing is measured per task: each scrape calls ``pool.stats()``, which reads
-the counters the pool keeps anyway. A pool that is garbage-collected leaves
+Each scrape calls ``pool.stats()``, which reads the counters the pool keeps
+anyway: nothing more is measured per task, except task times in a pool made
+with ``KeyedPoolExecutor(..., timing=True)``. A pool that is garbage-collected leaves
 the metrics by itself; :func:`unregister` removes one sooner.
 
 The metrics, each with a ``pool`` label (the name given to :func:`register`),
@@ -35,6 +36,9 @@ name                                   type     what
 ``keyedpool_worker_backlog_tasks``     gauge    per ``worker``: keyed tasks routed there and not
                                                 finished, the running one included
 ``keyedpool_worker_running``           gauge    per ``worker``: 1 while it runs a task
+``keyedpool_task_seconds``             histo-   pools made with ``timing=True`` only: by
+                                       gram     ``phase``, ``wait`` (submit to start) and
+                                                ``run``
 =====================================  =======  ==============================================
 """
 
@@ -48,10 +52,16 @@ from keyedpool.contrib import _require
 
 _require("prometheus_client", "prometheus", "keyedpool.contrib.prometheus")
 
-from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    REGISTRY,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from keyedpool import KeyedPoolExecutor
+from keyedpool import KeyedPoolExecutor, TaskSeconds
 
 __all__ = ["PoolsCollector", "register", "unregister"]
 
@@ -106,10 +116,18 @@ class PoolsCollector(Collector):
         running = GaugeMetricFamily(
             "keyedpool_worker_running", "1 while the worker runs a task.", labels=["pool", "worker"]
         )
+        seconds = HistogramMetricFamily(
+            "keyedpool_task_seconds",
+            "How long tasks waited (from submit to start) and ran, by phase.",
+            labels=["pool", "phase"],
+        )
         for name, pool in pools:
             if pool is None:
                 continue
             s = pool.stats(top_keys=0)
+            for phase, times in (("wait", s.wait_seconds), ("run", s.run_seconds)):
+                if times is not None:
+                    seconds.add_metric([name, phase], _buckets(times), times.sum)
             for outcome in ("completed", "failed", "cancelled"):
                 tasks.add_metric([name, outcome], getattr(s, outcome))
             for family, field in per_pool:
@@ -122,6 +140,15 @@ class PoolsCollector(Collector):
             yield family
         yield backlog
         yield running
+        yield seconds
+
+
+def _buckets(times: TaskSeconds) -> list[tuple[str, float]]:
+    # Prometheus's bucket labels: the bound as a float, the last one "+Inf".
+    return [
+        ("+Inf" if bound == float("inf") else repr(float(bound)), count)
+        for bound, count in zip(times.buckets, times.counts, strict=True)
+    ]
 
 
 #: (metric name, help, the PoolStats field) for the per-pool counters and gauges.

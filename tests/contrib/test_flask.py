@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import io
+import logging
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 flask = pytest.importorskip("flask", reason="Flask is not installed: pip install keyedpool[flask]")
 
+from _util import wait_until  # noqa: E402
 from flask import (  # noqa: E402
     Flask,
     current_app,
@@ -371,6 +373,7 @@ def test_pool_threads_start_with_the_first_submit(app: Flask, pool: KeyedPool) -
         ({"KEYEDPOOL_FULL_TIMEOUT": "1"}, TypeError, "KEYEDPOOL_FULL_TIMEOUT"),
         ({"KEYEDPOOL_MAX_STORED_JOBS": 0}, ValueError, "KEYEDPOOL_MAX_STORED_JOBS"),
         ({"KEYEDPOOL_ROUTING": "fast"}, ValueError, "KEYEDPOOL_ROUTING"),
+        ({"KEYEDPOOL_SLOW_TASK_WARNING": 0}, ValueError, "KEYEDPOOL_SLOW_TASK_WARNING"),
     ],
 )
 def test_bad_config_is_reported_at_init_app(
@@ -396,6 +399,33 @@ def test_routing_follows_the_config() -> None:
     hashed = KeyedPool(make_app("hashed", KEYEDPOOL_ROUTING="hash"))
     assert hashed.executor.routing == "hash"
     assert hashed.executor.worker_index("k") in range(4)
+
+
+def test_a_slow_task_is_reported_with_the_apps_own_function(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The task runs inside the extension's app-context wrapper; the warning
+    # names the app's function and shows its stack, not the wrapper's.
+    caplog.set_level(logging.WARNING, logger="keyedpool")
+    app = make_app("slow", KEYEDPOOL_SLOW_TASK_WARNING=0.2)
+    ext = KeyedPool(app)
+    release = threading.Event()
+
+    def rebuild_search_index() -> None:
+        release.wait(WAIT)
+
+    try:
+        with app.app_context():
+            future = ext.submit("index", rebuild_search_index)
+        wait_until(lambda: any("has been running" in r.getMessage() for r in caplog.records))
+    finally:
+        release.set()
+    assert future.result(WAIT) is None
+    [record] = [r for r in caplog.records if "has been running" in r.getMessage()]
+    message = record.getMessage()
+    assert "key='index', function rebuild_search_index" in message
+    assert "contrib/flask.py" not in message
+    ext.shutdown()
 
 
 def test_bad_input_is_refused(app: Flask, pool: KeyedPool) -> None:

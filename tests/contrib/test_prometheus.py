@@ -122,3 +122,40 @@ def test_names_are_unique_per_registry_and_pools_leave_when_dropped(
         register(object(), "x", registry)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="non-empty str"):
         register(first, "", registry)
+
+
+def test_task_seconds_histogram_for_a_pool_made_with_timing(
+    scrape: tuple[CollectorRegistry, object],
+) -> None:
+    registry, get = scrape
+    timed = KeyedPoolExecutor(2, timing=True)
+    untimed = KeyedPoolExecutor(2)
+    try:
+        register(timed, "timed", registry)
+        register(untimed, "untimed", registry)
+        for pool in (timed, untimed):
+            wait([pool.submit(f"k{i % 3}", int, i) for i in range(30)], timeout=TIMEOUT)
+    finally:
+        timed.shutdown()  # after it, every task's times are counted
+        untimed.shutdown()
+    samples: Samples = get()  # type: ignore[operator]
+    for phase in ("wait", "run"):
+        labels = (("phase", phase), ("pool", "timed"))
+        assert samples[("keyedpool_task_seconds_count", labels)] == 30
+        assert samples[("keyedpool_task_seconds_sum", labels)] >= 0
+        buckets = sorted(
+            (float(dict(k[1])["le"]), v)
+            for k, v in samples.items()
+            if k[0] == "keyedpool_task_seconds_bucket"
+            and dict(k[1])["phase"] == phase
+            and dict(k[1])["pool"] == "timed"
+        )
+        assert buckets[-1] == (float("inf"), 30)
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
+    # A pool made without timing=True measures nothing per task, so it has no histogram.
+    untimed_series = [
+        k
+        for k in samples
+        if k[0].startswith("keyedpool_task_seconds") and dict(k[1])["pool"] == "untimed"
+    ]
+    assert not untimed_series

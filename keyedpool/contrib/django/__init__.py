@@ -10,6 +10,7 @@ the pool in settings (every key is optional)::
         "FULL_TIMEOUT": None,       # seconds a full pool makes submit wait, then PoolFull
         "THREAD_NAME_PREFIX": "keyedpool-django",
         "ROUTING": "affinity",      # or "hash": a fixed worker per key
+        "SLOW_TASK_WARNING": 60,    # log a task running longer (seconds); None: never
     }
 
 Then, in a view::

@@ -46,6 +46,7 @@ _OPTIONS = {
     "FULL_TIMEOUT": "full_timeout",
     "THREAD_NAME_PREFIX": "thread_name_prefix",
     "ROUTING": "routing",
+    "SLOW_TASK_WARNING": "slow_task_warning",
 }
 
 

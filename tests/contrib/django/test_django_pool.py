@@ -256,6 +256,7 @@ def test_routing_follows_the_setting(sqlite_db: str) -> None:
         ({"ON_FULL": "drop"}, "ON_FULL"),
         ({"FULL_TIMEOUT": -1}, "FULL_TIMEOUT"),
         ({"ROUTING": "fast"}, "ROUTING"),
+        ({"SLOW_TASK_WARNING": -1}, "SLOW_TASK_WARNING"),
         ({"WORKERS": 8}, "unknown keys"),
         (["MAX_WORKERS", 8], "must be a dict"),
     ],
