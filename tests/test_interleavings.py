@@ -268,6 +268,11 @@ def test_keyboard_interrupt_while_submit_starts_a_thread(
     "lock's __enter__ and the with block, so `with lock:` itself can leak the lock; "
     "no Python code can close that window (the tests above cover submit's own windows)",
 )
+@pytest.mark.filterwarnings(
+    # An interrupt that lands in a garbage-collector callback (hypothesis installs
+    # one) is printed and dropped by Python: that submit is simply not interrupted.
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)
 def test_keyboard_interrupts_anywhere_in_submit_lose_nothing() -> None:
     # Interrupt a submit loop at random points, as Ctrl-C would, on a pool that
     # is often full (so many interrupts land while submit waits for room, or
