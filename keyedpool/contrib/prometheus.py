@@ -4,6 +4,7 @@
 
 >>> from prometheus_client import start_http_server
 >>> from keyedpool import KeyedPoolExecutor, TaskSeconds
+from keyedpool.contrib._named import NamedPools
 >>> from keyedpool.contrib.prometheus import register
 >>> pool = KeyedPoolExecutor(32)
 >>> register(pool, "orders")          # on prometheus_client's default registry
@@ -62,6 +63,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from keyedpool import KeyedPoolExecutor, TaskSeconds
+from keyedpool.contrib._named import NamedPools
 
 __all__ = ["PoolsCollector", "register", "unregister"]
 
@@ -74,29 +76,16 @@ class PoolsCollector(Collector):
     """
 
     def __init__(self) -> None:
-        #: Owns ``_pools``: register/unregister (any thread) against scrapes.
-        self._lock = threading.Lock()
-        self._pools: dict[str, weakref.ref[KeyedPoolExecutor]] = {}
+        self.pools = NamedPools()
 
     def add(self, pool: KeyedPoolExecutor, name: str) -> None:
-        with self._lock:
-            known = self._pools.get(name)
-            if known is not None and known() is not None and known() is not pool:
-                raise ValueError(
-                    f"keyedpool: a pool named {name!r} is already registered; "
-                    "give each pool its own name, or unregister the old one first"
-                )
-            self._pools[name] = weakref.ref(pool)
+        self.pools.add(pool, name)
 
     def remove(self, name: str) -> bool:
-        with self._lock:
-            return self._pools.pop(name, None) is not None
+        return self.pools.remove(name)
 
     def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            pools = [(name, ref()) for name, ref in self._pools.items()]
-            for name in [name for name, pool in pools if pool is None]:
-                del self._pools[name]  # collected: it leaves the metrics
+        pools = self.pools.live()
         tasks = CounterMetricFamily(
             "keyedpool_tasks", "Tasks that ended, by outcome.", labels=["pool", "outcome"]
         )
@@ -122,8 +111,6 @@ class PoolsCollector(Collector):
             labels=["pool", "phase"],
         )
         for name, pool in pools:
-            if pool is None:
-                continue
             s = pool.stats(top_keys=0)
             for phase, times in (("wait", s.wait_seconds), ("run", s.run_seconds)):
                 if times is not None:
@@ -187,10 +174,7 @@ def register(
     under a name already taken is a ``ValueError``. Returns the registry's
     collector (one for all the pools registered there).
     """
-    if not isinstance(pool, KeyedPoolExecutor):
-        raise TypeError(f"register takes a KeyedPoolExecutor, not {type(pool).__name__}")
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"the pool's name must be a non-empty str, not {name!r}")
+    NamedPools.check(pool, name)
     with _collectors_lock:
         collector = _collectors.get(registry)
         if collector is None:

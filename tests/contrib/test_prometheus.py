@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import gc
-import threading
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import wait
 
 import pytest
-from _util import TIMEOUT, wait_until
+from _pool_state import read_in_known_state
+from _util import TIMEOUT
 
 pytest.importorskip(
     "prometheus_client",
@@ -19,7 +19,7 @@ pytest.importorskip(
 from prometheus_client import CollectorRegistry, start_http_server  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from keyedpool import KeyedPoolExecutor, PoolFull  # noqa: E402
+from keyedpool import KeyedPoolExecutor  # noqa: E402
 from keyedpool.contrib.prometheus import register, unregister  # noqa: E402
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -49,31 +49,9 @@ def scrape() -> Iterator[tuple[CollectorRegistry, object]]:
 
 def test_a_scrape_shows_the_pool_as_stats_sees_it(scrape: tuple[CollectorRegistry, object]) -> None:
     registry, get = scrape
-    release = threading.Event()
-    started = threading.Event()
-
-    def hold() -> None:
-        started.set()
-        release.wait(TIMEOUT)
-
     with KeyedPoolExecutor(2, max_pending=4) as pool:
         register(pool, "orders", registry)
-        done = [pool.submit(f"k{i}", int, "1") for i in range(5)]
-        failed = [pool.submit("bad", int, "x") for _ in range(2)]
-        wait(done + failed, timeout=TIMEOUT)
-        held = pool.submit("slow", hold)
-        assert started.wait(TIMEOUT)
-        queued = [pool.submit("slow", int, "2") for _ in range(3)]  # behind it: 4 pending
-        with pytest.raises(PoolFull):
-            pool.submit_with("late", int, ("3",), on_full="raise")
-        # submit() returns before the dispatcher has put the task on a worker's queue:
-        # the per-worker backlog below counts only tasks already placed.
-        wait_until(lambda: pool.stats().in_transit == 0)
-        try:
-            samples = get()  # type: ignore[operator]
-        finally:
-            release.set()
-        wait([held, *queued], timeout=TIMEOUT)
+        samples: Samples = read_in_known_state(pool, get)  # type: ignore[arg-type]
 
     def value(name: str, **labels: str) -> float:
         return samples[(name, tuple(sorted({"pool": "orders", **labels}.items())))]
