@@ -64,9 +64,10 @@ class KeyedPoolExecutor:
             then raise :class:`PoolFull`. ``None`` waits as long as it takes.
         thread_name_prefix: thread names are ``f"{prefix}_{index}"`` and
             ``f"{prefix}_dispatcher"``.
-        initializer, initargs: ``initializer(*initargs)`` runs at the start of
-            each worker thread. If it raises, the pool is broken: tasks that have
-            not started fail with :class:`BrokenKeyedPool`, and so does submit.
+        initializer: ``initializer(*initargs)`` runs at the start of each
+            worker thread. If it raises, the pool is broken: tasks that have not
+            started fail with :class:`BrokenKeyedPool`, and so does submit.
+        initargs: the arguments for ``initializer``.
         copy_context: run each task in a copy of the submitter's
             :mod:`contextvars` context (so logging context and tracing spans
             follow the task). ``False`` saves a little time per task.

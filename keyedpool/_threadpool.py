@@ -39,7 +39,7 @@ class ThreadPoolExecutor(StdlibThreadPoolExecutor):
     ``chunksize``), ``shutdown(wait, cancel_futures)``, context-manager use,
     ``initializer``/``initargs`` (a failing initializer breaks the pool with
     ``BrokenThreadPool``), no limit on queued tasks, and queued work finishing at
-    interpreter exit. The differences are listed in the README ("Migrating from
+    interpreter exit. The differences are listed in the guide ("Migrating from
     ThreadPoolExecutor").
 
     Keyed work on the same threads: ``submit_keyed(key, fn, ...)``, or the

@@ -39,7 +39,7 @@ def test_backend_is_in_use() -> None:
 
 
 def test_the_readme_status_view_pattern(db: str) -> None:
-    # The README's views: enqueue, answer with the id; a later request looks
+    # The Django guide's views (docs/django.md): enqueue, answer with the id; a later request looks
     # the result up by id and reads return_value only once it succeeded.
     gate = _gate()
     backend_alias = "pg" if db == "pg" else "default"
