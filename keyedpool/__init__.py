@@ -10,6 +10,7 @@ CHARGE SHIP
 
 from ._errors import BrokenKeyedPool, DeadlockError, PoolFull
 from ._executor import KeyedPoolExecutor, default_max_workers
+from ._retry import RetryPolicy
 from ._routing import Key, key_bytes
 from ._stats import KeyBacklog, PoolStats, TaskSeconds, WorkerStats
 from ._threadpool import ThreadPoolExecutor
@@ -26,6 +27,7 @@ __all__ = [
     "KeyedPoolExecutor",
     "PoolFull",
     "PoolStats",
+    "RetryPolicy",
     "TaskSeconds",
     "ThreadPoolExecutor",
     "WorkerStats",

@@ -22,6 +22,7 @@ from __future__ import annotations
 from time import monotonic
 from typing import TYPE_CHECKING
 
+from ._holds import Holds
 from ._routing import SEED, Key, key_bytes, mmh3_hash, two_choices
 from ._task import Task
 from ._watch import Watch
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
 #: really stuck task waiting longer.
 STALLED = 0.1
 
+#: Parked tasks due within this many seconds of each other are let go together
+#: (one wake-up of the dispatcher for them all, not one each).
+TIMER_SLACK = 0.001
+
 #: A worker is overloaded when it has more tasks queued than both of these:
 #: a floor, and a multiple of what the other running workers have on average.
 OVERLOADED = (16, 4.0)
@@ -48,33 +53,60 @@ __all__ = ["Affinity", "dispatch", "place"]
 def dispatch(pool: Pool) -> None:
     """The dispatcher thread's loop: route every accepted task, then stop the workers."""
     affinity = Affinity(pool) if pool.routing_mode == "affinity" else None
+    holds = Holds(pool)
     slow = pool.slow_task_warning
     watch = Watch(pool, slow) if slow is not None else None
+    closing: str | None = None
+    holding = False  # whether stats() was last told that something is held
     while True:
         # With affinity, look again now and then while workers have work, for
         # one that is stuck with tasks queued behind it; with warnings, for
-        # slow tasks.
+        # slow tasks; with parked tasks, when the next one is due.
         timeout = None if affinity is None else affinity.next_look()
         if watch is not None:
             timeout = watch.timeout(timeout)
-        tasks, last = pool.take_inbox(timeout)
+        due = holds.next_due()
+        if due is not None:
+            due += TIMER_SLACK
+            if timeout is None or due < timeout:
+                timeout = due
+        tasks, returns, closed, closing_now = pool.take_inbox(timeout, holds.busy(), closing)
         try:
             if affinity is not None:
                 # First, so that tasks taken back go before newer ones of their key.
                 affinity.rescue()
-            if tasks:
+            ready: list[Task] = []
+            if holds.busy() or returns:
+                # Tasks handed back, then tasks whose time has come, let go
+                # of their keys before newer tasks of those keys are sorted.
+                holds.back(returns, ready)
+                holds.due(ready)
+            holds.sort(tasks, ready)
+            if closing_now is not None and closing_now != closing:
+                closing = closing_now
+                ended = holds.close(closing, ready)
+                if ended and closing == "drop":
+                    pool.logger.warning(
+                        "keyedpool: the interpreter is exiting: %d task(s) waiting "
+                        "for a delay or a retry were cancelled",
+                        ended,
+                    )
+            if tasks or ready:
                 if affinity is None:
-                    place(pool, tasks)
+                    place(pool, ready)
                 else:
-                    affinity.place(tasks)
+                    affinity.place(ready)
+            if holds.busy() or holding:
+                pool.held(holds.parked, holds.held)  # for stats()
+                holding = holds.busy()
             if watch is not None:
                 watch.look(bool(tasks))
         except BaseException:  # pragma: no cover - a bug: keep the pool alive
             pool.logger.critical("keyedpool: error in the dispatcher", exc_info=True)
         # Drop our references before we wait: the futures (and their results)
         # must be freed when their callers let go of them, not at the next batch.
-        tasks = []
-        if last:
+        tasks = returns = ready = []
+        if closed and not holds.busy():
             for worker in pool.started_workers():
                 worker.queue.put(STOP)  # after everything routed to it
             return

@@ -14,7 +14,9 @@ from time import monotonic
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 
+from ._holds import Plan
 from ._pool import Pool
+from ._retry import RetryPolicy
 from ._routing import KEY_TYPES, Key, check_key, worker_index
 from ._stats import PoolStats, snapshot
 from ._task import Task
@@ -187,20 +189,76 @@ class KeyedPoolExecutor:
         *,
         on_full: OnFull | None = None,
         full_timeout: float | None = None,
+        delay: float | None = None,
+        retry: RetryPolicy | None = None,
+        replace: bool = False,
     ) -> Future[T]:
-        """Like ``submit``, with this call's own backpressure: ``on_full`` and ``full_timeout``.
+        """Like ``submit``, with options for this one task.
 
-        ``None`` for either uses the pool's setting. For example, a web view that
-        must not wait: ``pool.submit_with(user_id, send, (msg,), on_full="raise")``.
+        Args:
+            on_full, full_timeout: this call's own backpressure (``None``: the
+                pool's setting). For example, a web view that must not wait:
+                ``pool.submit_with(user_id, send, (msg,), on_full="raise")``.
+            delay: run no earlier than this many seconds from now. The task
+                waits without a worker; later tasks of its key wait behind it
+                (order per key is kept), while other keys run.
+            retry: a :class:`RetryPolicy`. If the call raises one of its
+                ``retry_on`` exceptions, it runs again after the backoff, up to
+                ``retry.attempts`` calls in all; the future gets the first
+                success or the last failure. Between attempts the task holds its
+                key (its later tasks wait) and no worker waits.
+            replace: latest wins: tasks of this key that were also submitted
+                with ``replace=True`` and have not started yet (waiting in a
+                queue, for their delay, or for a retry) are cancelled, so that
+                a burst of updates runs once, with the newest arguments. A task
+                that runs now is never interrupted, and tasks submitted without
+                ``replace`` are never dropped. Needs a key.
+
+        Raises ``ValueError`` for a negative or non-finite ``delay``, or
+        ``replace=True`` without a key; ``TypeError`` for a ``retry`` that is
+        not a :class:`RetryPolicy`.
         """
-        if on_full is None:
-            block = self._block
-            timeout = self._full_timeout if full_timeout is None else full_timeout
+        if on_full is None and full_timeout is None:
+            block, timeout = self._block, self._full_timeout
         else:
-            block = on_full == "block"
-            timeout = full_timeout
-        _check_on_full(on_full or ("block" if self._block else "raise"), full_timeout)
-        return self._submit(key, fn, tuple(args), dict(kwargs or {}), block, timeout)
+            if on_full is None:
+                block = self._block
+                timeout = self._full_timeout if full_timeout is None else full_timeout
+            else:
+                block = on_full == "block"
+                timeout = full_timeout
+            _check_on_full(on_full or ("block" if self._block else "raise"), full_timeout)
+        if delay is None and retry is None and replace is False:
+            plan = None
+        else:
+            plan = _plan(key, delay, retry, replace)
+        return self._submit(
+            key,
+            fn,
+            args if type(args) is tuple else tuple(args),
+            dict(kwargs) if kwargs else _NO_KWARGS,  # a copy: the caller may reuse theirs
+            block,
+            timeout,
+            plan,
+        )
+
+    async def asubmit(
+        self, key: Key | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """``submit`` for asyncio code: await the call's result without blocking the loop.
+
+        While the pool is full this awaits room (or raises :class:`PoolFull`,
+        as ``on_full`` and ``full_timeout`` say) without blocking the event
+        loop. If the awaiting coroutine is cancelled, the task is cancelled
+        too, unless it has started (a running call is never interrupted).
+        """
+        import asyncio  # here: most programs never need it, and it is slow to import
+
+        task = self._make(key, fn, args, kwargs, None)
+        replaced = await self._pool.admit_async(task, self._block, self._full_timeout)
+        if replaced is not None:
+            replaced.cancel()
+        return await asyncio.wrap_future(task)
 
     def _submit(
         self,
@@ -210,7 +268,23 @@ class KeyedPoolExecutor:
         kwargs: dict[str, Any],
         block: bool,
         timeout: float | None,
+        plan: Plan | None = None,
     ) -> Task:
+        task = self._make(key, fn, args, kwargs, plan)
+        replaced = self._pool.admit(task, block, timeout)
+        if replaced is not None:
+            replaced.cancel()  # latest wins (replace=True)
+        return task
+
+    def _make(
+        self,
+        key: Key | None,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        plan: Plan | None,
+    ) -> Task:
+        # Check the call and make its task (not accepted yet).
         if key is not None and type(key) not in KEY_TYPES:
             if callable(cast(object, key)) and not callable(fn):
                 raise TypeError(
@@ -237,7 +311,11 @@ class KeyedPoolExecutor:
         )
         if self._timing:
             task.queued_at = monotonic()
-        pool.admit(task, block, timeout)
+        if plan is not None:
+            task.plan = plan
+            if plan.replace:
+                # Forget it as the key's latest once it ended (see Pool.latest).
+                task.add_done_callback(pool.forget_latest)
         return task
 
     def map(
@@ -407,6 +485,33 @@ def _results(
     finally:
         for future in futures:
             future.cancel()
+
+
+def _plan(
+    key: Key | None, delay: float | None, retry: RetryPolicy | None, replace: bool
+) -> Plan | None:
+    # The plan for submit_with's scheduling options (None: a plain task).
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+            raise TypeError(f"delay must be a number of seconds or None, not {delay!r}")
+        if not math.isfinite(delay) or delay < 0:
+            raise ValueError(
+                f"delay must be a finite number of seconds >= 0, not {delay!r}"
+            )
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise TypeError(
+            f"retry must be a keyedpool.RetryPolicy or None, not {type(retry).__name__}"
+        )
+    if not isinstance(replace, bool):
+        raise TypeError(f"replace must be True or False, not {replace!r}")
+    if replace and key is None:
+        raise ValueError(
+            "keyedpool: replace=True needs a key: it cancels the earlier tasks of the "
+            "same key that have not started, and a task without a key has none"
+        )
+    if not delay and retry is None and not replace:
+        return None
+    return Plan(monotonic() + delay if delay else 0.0, retry, replace)
 
 
 def _check_count(name: str, value: object) -> None:

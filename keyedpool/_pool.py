@@ -21,27 +21,33 @@ Who owns what (every piece of shared state has one owner):
   with done summed over the workers; submit adds them up only when a cheap
   lower bound says "maybe full".
 * The dispatcher thread: routing (which worker stands in for one whose
-  thread could not start).
+  thread could not start), and the parked tasks and held keys (``_holds``).
 * Each worker's thread: its running batch and task.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextvars import Context
 from time import monotonic
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import _process
 from ._dispatcher import dispatch
 from ._errors import BrokenKeyedPool, PoolFull
 from ._local import current_worker
-from ._task import Task
+from ._routing import Key
+from ._task import CANCELLED, Task
 from ._worker import WAKE, Worker, work
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["Pool", "RoomWaiter", "CANCELLING"]
 
@@ -80,6 +86,49 @@ class RoomWaiter:
         self.wake.acquire()
         #: Owner: the pool's lock (``Pool.lock``).
         self.state = WAITING
+
+    def wake_up(self) -> bool:
+        """Wake the submit (with the pool's lock held); False if nobody can be woken."""
+        self.wake.release()
+        return True
+
+
+class AsyncRoomWaiter(RoomWaiter):
+    """A coroutine (``asubmit``) waiting for room: woken through its event loop."""
+
+    __slots__ = ("loop", "woken")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.state = WAITING
+        self.loop = loop
+        #: Done when the coroutine is woken. Owner: the loop's thread.
+        self.woken: asyncio.Future[None] = loop.create_future()
+
+    def wake_up(self) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(_set_done, self.woken)
+        except RuntimeError:  # the loop is closed: nobody waits there any more
+            return False
+        return True
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Entry:
+    """One submit's way in through a full pool (see ``Pool.admit``)."""
+
+    __slots__ = ("block", "timeout", "deadline", "waiting", "replaced")
+
+    def __init__(self, block: bool, timeout: float | None) -> None:
+        self.block = block
+        self.timeout = timeout
+        self.deadline: float | None = None
+        self.waiting: RoomWaiter | None = None
+        #: The task the accepted one replaces (``replace=True``).
+        self.replaced: Task | None = None
 
 
 class Pool:
@@ -133,6 +182,20 @@ class Pool:
         self.inbox: list[Task] = []
         #: Tasks the dispatcher took and has not routed yet.
         self.routing = 0
+        #: Tasks handed back to the dispatcher (see ``hand_back``), in order.
+        self.returns: list[Task] = []
+        #: What the dispatcher last said it holds (see ``routed``): tasks
+        #: parked for a delay or a retry, keys held, and tasks held behind them.
+        self.parked = 0
+        self.held_keys = 0
+        self.held_tasks = 0
+        #: Set by stop(): ``"drop"`` at interpreter exit (parked tasks are
+        #: cancelled, see _holds.Holds.close), ``"cancel"`` for
+        #: ``shutdown(cancel_futures=True)``; None otherwise.
+        self.closing: str | None = None
+        #: key -> its latest task submitted with ``replace=True`` that has not
+        #: ended (each one cancels the one before it).
+        self.latest: dict[Key, Task] = {}
         #: Tasks the dispatcher took. Submitted = accepted + len(inbox).
         self.accepted = 0
         #: Tasks done (over all workers) when we last added them up: a lower
@@ -146,8 +209,10 @@ class Pool:
         #: Submits waiting for room, longest waiting first (see admit and
         #: Worker.room_wanted).
         self.room_waiters: deque[RoomWaiter] = deque()
-        #: True while the dispatcher waits on ``inbox_ready``.
+        #: True while the dispatcher waits on ``inbox_ready``, and until when
+        #: (``time.monotonic()``; ``inf`` without a timeout).
         self.dispatcher_waiting = False
+        self.dispatcher_wakes_at = math.inf
         #: None while running; CANCELLING, or a BrokenKeyedPool, when tasks must
         #: not start. Only ever goes from None to a value.
         self.halt: None | str | BaseException = None
@@ -177,8 +242,11 @@ class Pool:
 
     # -- submit side -----------------------------------------------------------
 
-    def admit(self, task: Task, block: bool, timeout: float | None) -> None:
+    def admit(self, task: Task, block: bool, timeout: float | None) -> Task | None:
         """Accept *task* or raise; on success it is on its way to a worker.
+
+        Returns the task that *task* replaces (``replace=True``), for the
+        caller to cancel outside the lock, or None.
 
         When the pool is full this waits for room outside the pool's lock,
         and takes the lock again only with ``with``: a KeyboardInterrupt can
@@ -186,50 +254,87 @@ class Pool:
         re-acquired by hand (as ``threading.Condition.wait`` does) can be
         left released, or released twice, by one.
         """
-        waiting: RoomWaiter | None = None
-        deadline: float | None = None
+        with self.lock:
+            if self.closed or self.halt is not None or _process.exiting:
+                self._check_open()
+            if (
+                self.accepted + len(self.inbox) - self.done_seen < self.max_pending
+                or not self._full()
+            ):
+                return self._accept(task)  # the common case: room
+        entry = Entry(block, timeout)
         try:
-            while True:
-                with self.lock:
-                    if self.closed or self.halt is not None or _process.exiting:
-                        self._check_open()
-                    while (
-                        self.accepted + len(self.inbox) - self.done_seen >= self.max_pending
-                        and self._full()
-                    ):
-                        if waiting is None or waiting.state == WOKEN:
-                            # Full: wait for room (or refuse), and say so before
-                            # reading the counts again, so that a task that ends
-                            # after that read wakes us.
-                            if waiting is None:
-                                self._may_wait(block)
-                                if timeout is not None:
-                                    deadline = monotonic() + timeout
-                            waiting = RoomWaiter()
-                            self._want_room(waiting)
-                            continue
-                        if deadline is not None and deadline - monotonic() <= 0:
-                            self.rejected += 1
-                            raise PoolFull(self._full_message(f" (waited {timeout:g} s)"))
-                        break
-                    else:
-                        if waiting is not None:
-                            self._stopped_waiting(waiting, accepted=True)
-                        self._accept(task)
-                        return
+            while not self._try_admit(task, entry, RoomWaiter):
                 # Full, and registered in room_waiters: sleep until a task ends.
-                if deadline is None:
+                waiting = cast(RoomWaiter, entry.waiting)
+                if entry.deadline is None:
                     waiting.wake.acquire()
                 else:
-                    waiting.wake.acquire(True, max(0.0, deadline - monotonic()))
+                    waiting.wake.acquire(True, max(0.0, entry.deadline - monotonic()))
+            return entry.replaced
         finally:
-            # Not SETTLED: we leave without the room (an error, an interrupt).
-            # Only this thread settles it, so this read needs no lock.
-            if waiting is not None and waiting.state != SETTLED:
-                self._give_up_room(waiting)
+            self._leave(entry)
 
-    def _accept(self, task: Task) -> None:
-        # With self.lock held and room for the task.
+    async def admit_async(self, task: Task, block: bool, timeout: float | None) -> Task | None:
+        """``admit`` for a coroutine: await room in a full pool without blocking the loop."""
+        import asyncio  # here: most programs never need it, and it is slow to import
+
+        loop = asyncio.get_running_loop()
+        entry = Entry(block, timeout)
+        try:
+            while not self._try_admit(task, entry, lambda: AsyncRoomWaiter(loop)):
+                woken = cast(AsyncRoomWaiter, entry.waiting).woken
+                if entry.deadline is None:
+                    await woken
+                else:
+                    # asyncio.wait, unlike wait_for, leaves *woken* alone on a timeout.
+                    await asyncio.wait((woken,), timeout=max(0.0, entry.deadline - monotonic()))
+            return entry.replaced
+        finally:
+            # On cancellation too: a wake-up meant for us goes to the next in line.
+            self._leave(entry)
+
+    def _try_admit(self, task: Task, entry: Entry, waiter: Callable[[], RoomWaiter]) -> bool:
+        # One look under the lock: accept *task* (True), or, the pool being
+        # full, make sure *entry* is registered to be woken (False). Raises
+        # PoolFull when it must not wait, or waited its full_timeout.
+        with self.lock:
+            if self.closed or self.halt is not None or _process.exiting:
+                self._check_open()
+            while (
+                self.accepted + len(self.inbox) - self.done_seen >= self.max_pending
+                and self._full()
+            ):
+                waiting = entry.waiting
+                if waiting is None or waiting.state == WOKEN:
+                    # Full: wait for room (or refuse), and say so before
+                    # reading the counts again, so that a task that ends
+                    # after that read wakes us.
+                    if waiting is None:
+                        self._may_wait(entry.block)
+                        if entry.timeout is not None:
+                            entry.deadline = monotonic() + entry.timeout
+                    entry.waiting = waiter()
+                    self._want_room(entry.waiting)
+                    continue
+                if entry.deadline is not None and entry.deadline - monotonic() <= 0:
+                    self.rejected += 1
+                    raise PoolFull(self._full_message(f" (waited {entry.timeout:g} s)"))
+                return False
+            if entry.waiting is not None:
+                self._stopped_waiting(entry.waiting, accepted=True)
+            entry.replaced = self._accept(task)
+            return True
+
+    def _leave(self, entry: Entry) -> None:
+        # Not SETTLED: we leave without the room (an error, an interrupt).
+        # Only the submitting thread settles it, so this read needs no lock.
+        waiting = entry.waiting
+        if waiting is not None and waiting.state != SETTLED:
+            self._give_up_room(waiting)
+
+    def _accept(self, task: Task) -> Task | None:
+        # With self.lock held and room for the task; returns the task it replaces.
         if self.dispatcher is None:
             self._start_dispatcher()
         if task.key is None and self.unstarted:
@@ -244,7 +349,23 @@ class Pool:
             # between, the count is one high until the dispatcher takes the
             # inbox, which can only start a worker a little early.
             self.unkeyed_in_inbox += 1
+        plan = task.plan
+        replaced = None
+        if plan is not None and plan.replace:
+            # Before the task is accepted, so that it is in ``latest`` by the
+            # time anything can end it (its done-callback forgets it).
+            key = cast(Key, task.key)
+            replaced = self.latest.get(key)
+            self.latest[key] = task
         self.inbox.append(task)  # accepted
+        return replaced
+
+    def forget_latest(self, task: Future[Any]) -> None:
+        """A task submitted with ``replace=True`` ended: it replaces nothing any more."""
+        with self.lock:
+            key = cast(Task, task).key
+            if self.latest.get(key) is task:  # type: ignore[arg-type]
+                del self.latest[key]  # type: ignore[arg-type]
 
     def _check_open(self) -> None:
         # With self.lock held.
@@ -290,14 +411,14 @@ class Pool:
 
     def _wake_one(self) -> None:
         # With self.lock held: room was freed; the longest waiting submit looks.
-        if self.room_waiters:
+        while self.room_waiters:
             waiting = self.room_waiters.popleft()
             waiting.state = WOKEN
-            waiting.wake.release()
-        else:
-            for worker in self.workers:
-                with worker.lock:
-                    worker.room_wanted = False
+            if waiting.wake_up():
+                return
+        for worker in self.workers:
+            with worker.lock:
+                worker.room_wanted = False
 
     def _wake_all(self) -> None:
         # With self.lock held: the pool closed or broke; every waiting submit
@@ -337,7 +458,8 @@ class Pool:
         total = 0
         for worker in self.workers:
             with worker.lock:
-                total += sum(worker.ended)
+                ended = worker.ended
+                total += ended[0] + ended[1] + ended[2]  # not ended[RETRYING]
         return total
 
     def pending(self) -> int:
@@ -406,29 +528,71 @@ class Pool:
 
     # -- dispatcher side ----------------------------------------------------------
 
-    def take_inbox(self, timeout: float | None = None) -> tuple[list[Task], bool]:
-        """Wait for accepted tasks and take them all; also say whether they are the last.
+    def take_inbox(
+        self, timeout: float | None = None, busy: bool = False, closing: str | None = None
+    ) -> tuple[list[Task], list[Task], bool, str | None]:
+        """Wait for accepted or handed-back tasks and take them all; say whether to stop.
 
-        With a *timeout*, the list is empty if none came within it.
+        With a *timeout*, the lists are empty if nothing came within it.
+        *busy*: the dispatcher still holds tasks (see ``_holds``), so it waits
+        for them even once the pool is closed. *closing*: how the dispatcher
+        last saw the pool closing; a change wakes it too. Returns the tasks,
+        the tasks handed back, whether the pool is closed (then nothing new
+        comes after these), and how it closes.
         """
         with self.lock:
-            while not self.inbox and not self.closed:
+            while (
+                not self.inbox
+                and not self.returns
+                and (busy or not self.closed)
+                and self.closing == closing
+            ):
                 self.dispatcher_waiting = True
+                self.dispatcher_wakes_at = math.inf if timeout is None else monotonic() + timeout
                 if not self.inbox_ready.wait(timeout) and timeout is not None:
                     break
             self.dispatcher_waiting = False
             tasks, self.inbox = self.inbox, []
+            returns, self.returns = self.returns, []
             self.accepted += len(tasks)
             self.routing = len(tasks)
             self.unkeyed_in_inbox = 0
             # Submit refuses new tasks once closed: nothing can come after these.
-            return tasks, self.closed
+            return tasks, returns, self.closed, self.closing
+
+    def hand_back(self, task: Task, retry_at: float = 0.0) -> None:
+        """Give the dispatcher back a task it holds the key of (see ``_holds``).
+
+        By its worker when an attempt of a task with retries ended, and by
+        ``Task.cancel`` when a parked task was cancelled. *retry_at*: the
+        attempt failed, and the task is to run again then (``monotonic()``).
+        """
+        with self.lock:
+            self.returns.append(task)
+            # A retry due after the dispatcher wakes anyway need not wake it
+            # now (in a storm of retries, most do not: fewer thread switches).
+            if self.dispatcher_waiting and retry_at < self.dispatcher_wakes_at:
+                self.inbox_ready.notify()
+                self.dispatcher_waiting = False
+
+    def end_cancelled(self, task: Task) -> None:
+        """A task the dispatcher held was cancelled: it ends there, and counts as cancelled."""
+        task.abandon(None)
+        self.workers[0].count(CANCELLED)
 
     def routed(self, moves: int) -> None:
-        """Every task the dispatcher took is now on a queue; *moves* keys changed worker."""
+        """The tasks the dispatcher took are on queues (or held); *moves* keys changed worker."""
         with self.lock:
             self.routing = 0
             self.key_moves += moves
+
+    def held(self, parked: int, held: dict[Key, Any]) -> None:
+        """What the dispatcher holds now (see ``_holds``), for stats()."""
+        waiting = sum(len(tasks) for tasks in held.values())
+        with self.lock:
+            self.parked = parked
+            self.held_keys = len(held)
+            self.held_tasks = waiting
 
     def finished_count(self, index: int) -> int:
         """How many of the tasks routed to worker *index* it has finished."""
@@ -590,6 +754,9 @@ class Pool:
         """Fail tasks that no thread can run (no worker thread could start)."""
         for task in tasks:
             self.workers[0].count(task.abandon(reason))
+            plan = task.plan
+            if plan is not None and plan.retry is not None:
+                self.hand_back(task)  # as a worker would: its key is let go
 
     # -- worker side ----------------------------------------------------------------
 
@@ -635,10 +802,16 @@ class Pool:
 
     # -- lifecycle ----------------------------------------------------------------
 
-    def stop(self, cancel_futures: bool) -> None:
-        """Refuse new tasks; let the threads finish what was accepted, then exit."""
+    def stop(self, cancel_futures: bool, at_exit: bool = False) -> None:
+        """Refuse new tasks; let the threads finish what was accepted, then exit.
+
+        *at_exit*: the interpreter is exiting; tasks parked for a delay or a
+        retry are cancelled rather than waited for.
+        """
         with self.lock:
             self.closed = True
+            if at_exit and self.closing is None:
+                self.closing = "drop"
             # The dispatcher routes what is left, then stops the workers.
             self.inbox_ready.notify()
             self._wake_all()
@@ -652,6 +825,10 @@ class Pool:
         # after); then every queued task is reachable. Tasks that a worker starts
         # meanwhile were started before shutdown() returned, as in the
         # standard library.
+        with self.lock:
+            # The dispatcher cancels the tasks it holds (see _holds.Holds.close).
+            self.closing = "cancel"
+            self.inbox_ready.notify()
         if dispatcher is not None and dispatcher is not threading.current_thread():
             dispatcher.join()
         with self.unkeyed_lock:

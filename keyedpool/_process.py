@@ -2,6 +2,8 @@
 
 At exit, like ``ThreadPoolExecutor``: new submits raise ``RuntimeError``, queued
 tasks finish, and the threads are joined before the interpreter goes away.
+Tasks still waiting for a delay or a retry's backoff are cancelled (and
+logged), so that exit never waits for a timer.
 
 After ``os.fork()``, the child has copies of the pools but none of their
 threads (gunicorn ``--preload`` creates module-level pools this way). Each pool
@@ -41,7 +43,7 @@ def _at_exit() -> None:
         exiting = True
         pools = list(_pools)
     for pool in pools:
-        pool.stop(cancel_futures=False)
+        pool.stop(cancel_futures=False, at_exit=True)
     for pool in pools:
         pool.join()
 

@@ -125,13 +125,26 @@ class PoolStats:
     #: and how long they ran (``None`` otherwise).
     wait_seconds: TaskSeconds | None = None
     run_seconds: TaskSeconds | None = None
+    #: Failed attempts that were run again (``submit_with(retry=...)``).
+    retries: int = 0
+    #: Tasks waiting, without a worker, for their delay or their next retry.
+    parked: int = 0
+    #: Keys held by such a task (or by a task with retries that runs now),
+    #: and their later tasks waiting behind it.
+    held_keys: int = 0
+    held_tasks: int = 0
 
     def table(self) -> str:
         """The snapshot as a small text table, one row per worker."""
         lines = [
             f"submitted={self.submitted} completed={self.completed} failed={self.failed} "
             f"cancelled={self.cancelled} rejected={self.rejected} pending={self.pending}"
-            f"/{self.max_pending} unkeyed_backlog={self.unkeyed_backlog}",
+            f"/{self.max_pending} unkeyed_backlog={self.unkeyed_backlog}"
+            + (
+                f" retries={self.retries} parked={self.parked} held_keys={self.held_keys}"
+                if self.retries or self.parked or self.held_keys
+                else ""
+            ),
             f"{'worker':>6} {'backlog':>7} {'running':>7} {'completed':>9} {'failed':>6}",
         ]
         for w in self.workers:
@@ -173,13 +186,17 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
         in_transit = pool.routing + waiting
         rejected = pool.rejected
         key_moves = pool.key_moves
+        parked, held_keys, held_tasks = pool.parked, pool.held_keys, pool.held_tasks
     pending = submitted - sum(c[1] + c[2] + c[3] for c in counts)
+    retries = sum(c[4] for c in counts)
     with pool.unkeyed_lock:
         unkeyed_backlog = len(pool.unkeyed)
     workers = []
     keys: Counter[Key] = Counter()
     where: dict[Key, int] = {}
-    for worker, (backlog, completed, failed, cancelled) in zip(pool.workers, counts, strict=True):
+    for worker, (backlog, completed, failed, cancelled, _) in zip(
+        pool.workers, counts, strict=True
+    ):
         if backlog:
             batch = worker.batch
             # Queued batches first, then the unfinished part of the running
@@ -226,6 +243,10 @@ def snapshot(pool: Pool, top: int) -> PoolStats:
         key_moves=key_moves,
         wait_seconds=_seconds(waits) if pool.timing else None,
         run_seconds=_seconds(runs) if pool.timing else None,
+        retries=retries,
+        parked=parked,
+        held_keys=held_keys,
+        held_tasks=held_tasks,
     )
 
 

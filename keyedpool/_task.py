@@ -38,6 +38,7 @@ from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED as CANCELLED_STATE
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from contextvars import Context
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from ._errors import DeadlockError
@@ -45,16 +46,18 @@ from ._local import current_worker
 from ._routing import Key, worker_index
 
 if TYPE_CHECKING:
+    from ._holds import Plan
     from ._pool import Pool
 
-__all__ = ["Task", "COMPLETED", "FAILED", "CANCELLED"]
+__all__ = ["Task", "COMPLETED", "FAILED", "CANCELLED", "RETRYING"]
 
 log = logging.getLogger("keyedpool")
 
 _DONE = (CANCELLED_STATE, CANCELLED_AND_NOTIFIED, FINISHED)
 
-#: How a task ended, as the worker counts it.
-COMPLETED, FAILED, CANCELLED = 0, 1, 2
+#: How a task ended, as the worker counts it. RETRYING: it did not end, an
+#: attempt failed and it goes back to the dispatcher to wait for its retry.
+COMPLETED, FAILED, CANCELLED, RETRYING = 0, 1, 2, 3
 
 
 class _Unretrieved:
@@ -121,6 +124,7 @@ class Task(Future, RLock):  # type: ignore[type-arg,misc]
         "_callback_list",
         "_sleepers",
         "queued_at",
+        "plan",
     )
 
     #: The index of the worker it was placed on (``None`` until then, or if
@@ -144,6 +148,10 @@ class Task(Future, RLock):  # type: ignore[type-arg,misc]
     #: With ``timing=True``: ``time.monotonic()`` when submit accepted it (0.0
     #: otherwise). Set by submit before the task is shared, then only read.
     queued_at: float
+    #: With ``submit_with(delay=, retry=, replace=)``: when it may run and what
+    #: happens when it fails (see ``_holds``); None for every other task. Set
+    #: by submit before the task is shared.
+    plan: Plan | None
 
     # -- the condition ------------------------------------------------------------
     # threading.Condition's wait and notify_all on the task's own lock. Future
@@ -304,6 +312,7 @@ class Task(Future, RLock):  # type: ignore[type-arg,misc]
         self._callback_list = None
         self._sleepers = None
         self.queued_at = 0.0
+        self.plan = None
 
     # -- the outcome, with the self-deadlock check ----------------------------
 
@@ -423,16 +432,24 @@ class Task(Future, RLock):  # type: ignore[type-arg,misc]
             self.outcome = CANCELLED
             return CANCELLED
         fn, args, kwargs, context = self._fn, self._args, self._kwargs, self._context
-        # Drop the call at once, so its arguments can be freed while the
-        # future is still held by the caller (ThreadPoolExecutor does the same).
-        # (_drop_call, inlined: this is the per-task path.)
-        self._fn = self._args = self._kwargs = self._context = None  # type: ignore[assignment]
+        plan = self.plan
+        if plan is None:
+            # Drop the call at once, so its arguments can be freed while the
+            # future is still held by the caller (ThreadPoolExecutor does the
+            # same). (_drop_call, inlined: this is the per-task path.) A task
+            # that may be retried keeps its call until it is resolved.
+            self._fn = self._args = self._kwargs = self._context = None  # type: ignore[assignment]
         try:
             if context is None:
                 result = fn(*args, **kwargs)  # type: ignore[misc]
             else:
                 result = context.run(fn, *args, **kwargs)  # type: ignore[arg-type]
         except BaseException as exc:
+            if plan is not None:
+                if plan.retry is not None and self._retry_later(plan, exc):
+                    del fn, args, kwargs, context, exc
+                    return RETRYING
+                self._drop_call()
             if self._log:
                 self._unretrieved = _Unretrieved(exc, f"task {_describe(fn)} (key={self.key!r})")
             # The traceback keeps this frame alive: drop the call from it too.
@@ -441,9 +458,58 @@ class Task(Future, RLock):  # type: ignore[type-arg,misc]
             self._finish(None, exc, returned)
             self = None  # type: ignore[assignment]  # break exc -> frame -> self
             return FAILED
+        if plan is not None:
+            self._drop_call()
         self.outcome = COMPLETED
         self._finish(result, None, returned)  # set_result, one call fewer
         return COMPLETED
+
+    def _retry_later(self, plan: Plan, exc: BaseException) -> bool:
+        """After a failed attempt: make the task pending again if it is to be retried.
+
+        Then its worker hands it back to the dispatcher, which parks it for
+        the backoff (``_holds``); ``plan.parked`` tells ``cancel`` so.
+        """
+        retry = plan.retry
+        assert retry is not None
+        if (
+            plan.failures + 1 >= retry.attempts
+            or not retry.retries(exc)
+            or self._pool.halt is not None
+        ):
+            return False
+        wait = retry.wait(plan.failures + 1)
+        self.acquire()
+        try:
+            if self._state != RUNNING:  # pragma: no cover - only its worker changes it now
+                return False
+            plan.failures += 1
+            plan.due = monotonic() + wait
+            plan.parked = True
+            self._state = PENDING
+        finally:
+            self.release()
+        return True
+
+    def cancel(self) -> bool:
+        """As ``Future.cancel``: a task that has not started never runs (``True``).
+
+        A task that waits for its delay or for a retry is let go at once, and
+        its key's later tasks go on.
+        """
+        if not super().cancel():
+            return False
+        plan = self.plan
+        if plan is not None:
+            self.acquire()
+            try:
+                parked = plan.parked
+            finally:
+                self.release()
+            if parked:
+                # In the dispatcher's hands: tell it, so the key goes on now.
+                self._pool.hand_back(self)
+        return True
 
     def abandon(self, exc: BaseException | None) -> int:
         """Never run the call: cancel the task (*exc* is None) or fail it with *exc*."""

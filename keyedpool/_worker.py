@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ._local import set_current_worker
 from ._stats import TIME_BUCKETS
-from ._task import Task
+from ._task import RETRYING, Task
 
 if TYPE_CHECKING:
     from ._pool import Pool
@@ -63,8 +63,10 @@ class Worker:
         self.routed = 0
         self.finished = 0
         #: All tasks this worker ran or skipped, keyed or not, by how they
-        #: ended: ``ended[COMPLETED]``, ``ended[FAILED]``, ``ended[CANCELLED]``.
-        self.ended = [0, 0, 0]
+        #: ended: ``ended[COMPLETED]``, ``ended[FAILED]``, ``ended[CANCELLED]``;
+        #: and ``ended[RETRYING]``, attempts that failed and are retried (the
+        #: task did not end: it went back to the dispatcher).
+        self.ended = [0, 0, 0, 0]
         #: With ``timing=True``: tasks by how long they waited for this worker
         #: and how long they ran here (a count per ``TIME_BUCKETS`` bucket),
         #: and the seconds added up.
@@ -106,22 +108,35 @@ class Worker:
             if halt is None:
                 self.current = task
                 try:
-                    return task.run(self.rest if unkeyed else None)
+                    outcome = task.run(self.rest if unkeyed else None)
                 finally:
                     self.current = None
-            return task.abandon(halt if isinstance(halt, BaseException) else None)
+            else:
+                outcome = task.abandon(halt if isinstance(halt, BaseException) else None)
         except BaseException:
             # Only a done-callback raising SystemExit or the like gets here (the
             # call's own exceptions go into its future): the task is resolved,
             # and the worker must live on to run the rest of its queue.
             self.pool.logger.critical("exception calling callback for %r", task, exc_info=True)
-            return task.outcome
+            outcome = task.outcome
+        plan = task.plan
+        if plan is not None and plan.retry is not None:
+            # Its key is held until it is resolved: the dispatcher must hear
+            # how this attempt ended (see _holds). (plan.due was set by
+            # Task.run on this thread when the attempt failed.)
+            self.pool.hand_back(task, plan.due if outcome == RETRYING else 0.0)
+        # A failed call's traceback keeps Task.run's frame, and through it this
+        # frame: without this, the task (and its result) would stay alive in
+        # a reference cycle until the garbage collector runs.
+        del task
+        return outcome
 
     def timed_run(self, task: Task, unkeyed: bool = False) -> int:
         """``run``, and count how long the task waited and ran (pools with ``timing=True``)."""
         queued_at = task.queued_at
         started = monotonic()
         outcome = self.run(task, unkeyed)
+        del task  # as in run()
         ran = monotonic() - started
         waited = started - queued_at if queued_at else 0.0
         lock = self.lock

@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import mmh3
 
-from keyedpool import Key, KeyedPoolExecutor
+from keyedpool import Key, KeyedPoolExecutor, RetryPolicy
 from keyedpool._routing import SEED, check_key, key_bytes
 
 if TYPE_CHECKING:
@@ -99,48 +99,6 @@ class DeadLetter(Exception):
     Use it for messages that can never succeed (bad payload, unknown type): they
     skip the remaining retries. The message's key then moves on to its next message.
     """
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often a handler is called for one message, and how long to wait in between.
-
-    The handler is called at most ``attempts`` times (the first call included).
-    Before retry number ``n`` (1, 2, ...) the consumer waits
-    ``min(backoff * multiplier ** (n - 1), max_backoff)`` seconds; only the
-    message's own key waits, other keys keep going. After the last failed
-    attempt the message goes to the dead-letter destination.
-
-    >>> RetryPolicy(attempts=3, backoff=0.1).delay(2)
-    0.2
-    """
-
-    attempts: int = 3
-    backoff: float = 0.1
-    multiplier: float = 2.0
-    max_backoff: float = 10.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
-            raise TypeError(
-                f"attempts must be an int, not {type(self.attempts).__name__}"
-            )
-        if self.attempts < 1:
-            raise ValueError("attempts must be >= 1 (1 means: no retries)")
-        for name in ("backoff", "multiplier", "max_backoff"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
-        if self.multiplier < 1:
-            raise ValueError("multiplier must be >= 1")
-
-    def delay(self, retry: int) -> float:
-        """Seconds to wait before retry number *retry* (1 for the first retry)."""
-        return float(
-            min(self.backoff * self.multiplier ** max(retry - 1, 0), self.max_backoff)
-        )
 
 
 @dataclass(frozen=True)
@@ -463,7 +421,11 @@ class KeyedHandling(Generic[M]):
                 self._handler(item.message)
             except BaseException as exc:
                 item.failure = exc
-                if isinstance(exc, DeadLetter) or item.attempt >= self._retry.attempts:
+                if (
+                    isinstance(exc, DeadLetter)
+                    or not self._retry.retries(exc)
+                    or item.attempt >= self._retry.attempts
+                ):
                     item.dead = True
                 else:
                     log.info(
@@ -473,7 +435,7 @@ class KeyedHandling(Generic[M]):
                         self._retry.attempts,
                         exc_info=True,
                     )
-                    self._later(self._retry.delay(item.attempt), item)
+                    self._later(self._retry.wait(item.attempt), item)
                     return
             else:
                 self._settle(item, handled=True)

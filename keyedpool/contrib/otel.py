@@ -28,6 +28,9 @@ instrument                          kind              what
 ``keyedpool.workers``               up-down counter   the pool's ``max_workers``
 ``keyedpool.unkeyed.backlog``       up-down counter   unkeyed tasks waiting for a free worker
 ``keyedpool.keys.bound``            up-down counter   keys with tasks queued or running now
+``keyedpool.tasks.retries``         counter           failed attempts that were run again
+``keyedpool.tasks.parked``          up-down counter   tasks waiting for their delay or retry
+``keyedpool.keys.held``             up-down counter   keys held by such a task
 ``keyedpool.worker.backlog``        up-down counter   per ``keyedpool.worker`` (its index): keyed
                                                       tasks routed there and not finished
 ``keyedpool.worker.running``        up-down counter   per ``keyedpool.worker``: 1 while it runs
@@ -131,6 +134,13 @@ _INSTRUMENTS: list[tuple[str, str, str, str, _Reader]] = [
      "updown", _total("unkeyed_backlog")),
     ("keyedpool.keys.bound", "{key}", "Keys with tasks queued or running now.", "updown",
      _total("keys_bound")),
+    ("keyedpool.tasks.retries", "{attempt}", "Failed attempts that were run again.", "counter",
+     _total("retries")),
+    ("keyedpool.tasks.parked", "{task}",
+     "Tasks waiting, without a worker, for their delay or their next retry.", "updown",
+     _total("parked")),
+    ("keyedpool.keys.held", "{key}", "Keys held by a delayed or retrying task.", "updown",
+     _total("held_keys")),
     ("keyedpool.worker.backlog", "{task}",
      "Keyed tasks routed to a worker and not finished, the running one included.", "updown",
      _per_worker(lambda w: w.backlog)),

@@ -3,12 +3,11 @@
     pip install 'keyedpool[prometheus]'
 
 >>> from prometheus_client import start_http_server
->>> from keyedpool import KeyedPoolExecutor, TaskSeconds
-from keyedpool.contrib._named import NamedPools
+>>> from keyedpool import KeyedPoolExecutor
 >>> from keyedpool.contrib.prometheus import register
 >>> pool = KeyedPoolExecutor(32)
 >>> register(pool, "orders")          # on prometheus_client's default registry
->>> start_http_server(9100)           # then scrape http://<host>:9100/metrics
+>>> start_http_server(8000)           # then scrape http://<host>:8000/metrics
 
 Each scrape calls ``pool.stats()``, which reads the counters the pool keeps
 anyway: nothing more is measured per task, except task times in a pool made
@@ -34,6 +33,12 @@ name                                   type     what
 ``keyedpool_workers``                  gauge    the pool's ``max_workers``
 ``keyedpool_unkeyed_backlog_tasks``    gauge    unkeyed tasks waiting for a free worker
 ``keyedpool_keys_bound``               gauge    keys with tasks queued or running now
+``keyedpool_retries_total``            counter  failed attempts that were run again
+                                                (``submit_with(retry=...)``)
+``keyedpool_parked_tasks``             gauge    tasks waiting, without a worker, for their
+                                                delay or their next retry
+``keyedpool_held_keys``                gauge    keys held by such a task (their later tasks
+                                                wait behind it)
 ``keyedpool_worker_backlog_tasks``     gauge    per ``worker``: keyed tasks routed there and not
                                                 finished, the running one included
 ``keyedpool_worker_running``           gauge    per ``worker``: 1 while it runs a task
@@ -143,6 +148,7 @@ _COUNTERS = [
     ("keyedpool_submitted", "Tasks accepted by submit.", "submitted"),
     ("keyedpool_rejected", "Submits refused with PoolFull.", "rejected"),
     ("keyedpool_key_moves", "Times a key went to another worker than its last one.", "key_moves"),
+    ("keyedpool_retries", "Failed attempts that were run again (retry=).", "retries"),
 ]
 _GAUGES = [
     ("keyedpool_pending_tasks", "Tasks accepted and not finished.", "pending"),
@@ -154,6 +160,12 @@ _GAUGES = [
         "unkeyed_backlog",
     ),
     ("keyedpool_keys_bound", "Keys with tasks queued or running now.", "keys_bound"),
+    (
+        "keyedpool_parked_tasks",
+        "Tasks waiting, without a worker, for their delay or their next retry.",
+        "parked",
+    ),
+    ("keyedpool_held_keys", "Keys held by a delayed or retrying task.", "held_keys"),
 ]
 
 

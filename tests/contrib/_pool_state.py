@@ -10,7 +10,7 @@ from typing import TypeVar
 import pytest
 from _util import TIMEOUT, wait_until
 
-from keyedpool import KeyedPoolExecutor, PoolFull
+from keyedpool import KeyedPoolExecutor, PoolFull, RetryPolicy
 
 T = TypeVar("T")
 
@@ -44,3 +44,24 @@ def read_in_known_state(pool: KeyedPoolExecutor, read: Callable[[], T]) -> T:
     finally:
         release.set()
         wait([held, *queued], timeout=TIMEOUT)
+
+
+def read_while_holding(pool: KeyedPoolExecutor, read: Callable[[], T]) -> T:
+    """Put *pool* where it holds keys (see ``submit_with``), then return ``read()``.
+
+    Then: 1 retry done, 2 tasks parked (one waiting for its retry, one for
+    its delay), 2 keys held, 1 task waiting behind them. The caller shuts the
+    pool down with ``cancel_futures=True``.
+    """
+    calls: list[int] = []
+
+    def fail_once() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("first attempt fails")
+
+    pool.submit_with("retried", fail_once, retry=RetryPolicy(attempts=2, backoff=3600))
+    pool.submit_with("delayed", int, ("1",), delay=3600)
+    pool.submit("delayed", int, "2")
+    wait_until(lambda: pool.stats().parked == 2)
+    return read()

@@ -6,7 +6,7 @@ import gc
 from typing import Any
 
 import pytest
-from _pool_state import read_in_known_state
+from _pool_state import read_in_known_state, read_while_holding
 from _util import TIMEOUT
 
 pytest.importorskip(
@@ -64,6 +64,25 @@ def test_a_collection_shows_the_pool_as_stats_sees_it() -> None:
     assert sorted(running) == [0, 1]
     # Keys are unbounded: no point carries one.
     assert not [k for k in points if any("key" == name for name, _ in k[1])]
+
+
+def test_a_collection_shows_retries_and_held_keys() -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    pool = KeyedPoolExecutor(2)
+    try:
+        register(pool, "holding", provider)
+        points = read_while_holding(pool, lambda: collect(reader))
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+    def value(name: str) -> float:
+        return points[(name, (("keyedpool.pool.name", "holding"),))]
+
+    assert value("keyedpool.tasks.retries") == 1
+    assert value("keyedpool.tasks.parked") == 2
+    assert value("keyedpool.keys.held") == 2
+    assert value("keyedpool.tasks.pending") == 3
 
 
 def test_names_are_unique_per_provider_and_pools_leave_when_dropped() -> None:

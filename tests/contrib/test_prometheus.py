@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from concurrent.futures import wait
 
 import pytest
-from _pool_state import read_in_known_state
+from _pool_state import read_in_known_state, read_while_holding
 from _util import TIMEOUT
 
 pytest.importorskip(
@@ -71,6 +71,24 @@ def test_a_scrape_shows_the_pool_as_stats_sees_it(scrape: tuple[CollectorRegistr
     assert sorted(running) == [0, 1]
     # Keys are unbounded: never a label per key.
     assert not [key for key in samples if any(name == "key" for name, _ in key[1])]
+
+
+def test_a_scrape_shows_retries_and_held_keys(scrape: tuple[CollectorRegistry, object]) -> None:
+    registry, get = scrape
+    pool = KeyedPoolExecutor(2)
+    try:
+        register(pool, "holding", registry)
+        samples: Samples = read_while_holding(pool, get)  # type: ignore[arg-type]
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+    def value(name: str) -> float:
+        return samples[(name, (("pool", "holding"),))]
+
+    assert value("keyedpool_retries_total") == 1
+    assert value("keyedpool_parked_tasks") == 2
+    assert value("keyedpool_held_keys") == 2
+    assert value("keyedpool_pending_tasks") == 3
 
 
 def test_names_are_unique_per_registry_and_pools_leave_when_dropped(
