@@ -202,6 +202,22 @@ def submit(key: Key | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kw
     return cast("Future[T]", state.executor.submit(key, _run_task, state, fn, args, kwargs))
 
 
+def _submit_after(
+    delay: float | None, key: Key | None, fn: Callable[..., T], /, *args: Any
+) -> Future[T]:
+    """``submit``, to run no earlier than *delay* seconds from now (for ``run_after``).
+
+    The task holds its key while it waits (later tasks of the key wait
+    behind it), and no worker waits: see ``KeyedPoolExecutor.submit_with``.
+    """
+    state = _get_state()
+    _check_call(state, key, fn)
+    return cast(
+        "Future[T]",
+        state.executor.submit_with(key, _run_task, (state, fn, args, {}), delay=delay),
+    )
+
+
 def submit_on_commit(
     key: Key | None,
     fn: Callable[..., object],

@@ -18,13 +18,17 @@ It plugs into ``django.tasks`` on Django 6.0 and later, and into the
 ``key_arg`` task option; or give a fixed key with ``key``; with neither, the
 task has no key and runs on any free worker::
 
-    from django.tasks import task        # Django 6.0+; else: from django_tasks import task
+    from keyedpool.contrib.django.tasks import keyed_task
 
-    @task(key_arg="account_id")
+    @keyed_task(key_arg="account_id")
     def post_entry(account_id: int, amount: str) -> int: ...
 
     post_entry.enqueue(42, "9.99")                 # key 42: in order with account 42's tasks
     post_entry.using(key="audit").enqueue(7, "1")  # a fixed key for this call
+
+The framework's own ``@task(key_arg="account_id")`` works as well on Django
+6.1+ and with the backport; Django 6.0's ``@task`` takes no extra options, so
+there only :func:`keyed_task` can set them.
 
 Tasks of one key run one at a time, in the order they were enqueued (for
 enqueues inside transactions: in commit order). ``enqueue()`` inside
@@ -36,8 +40,15 @@ most ``MAX_RESULTS`` of them; past that the oldest finished results are
 forgotten first). ``result.refresh()``, ``backend.get_result(id)`` and
 ``my_task.get_result(id)`` work from any thread of that process; another process
 (another gunicorn worker) does not know the result. Return values must be JSON
-serialisable, as the framework requires. ``run_after`` and ``priority`` are not
-supported: order comes from the key.
+serialisable, as the framework requires. ``priority`` is not supported: order
+comes from the key.
+
+**Deferred tasks** (``my_task.using(run_after=when).enqueue(...)``) run no
+earlier than ``when``. Order per key still holds: while a deferred task
+waits, the later tasks of its key wait behind it (other keys run; no worker
+waits). Its result stays ``READY`` until it runs. Deferred tasks live in the
+memory of the process that enqueued them: if that process exits first, they
+are cancelled (and logged), never run.
 
 Tasks run with the same connection hygiene as
 :func:`keyedpool.contrib.django.submit`, on the process's one pool
@@ -56,6 +67,8 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from datetime import datetime
+from datetime import timezone as dt_timezone
 from traceback import format_exception
 from typing import TYPE_CHECKING, Any, overload
 
@@ -66,7 +79,7 @@ from django.utils.crypto import get_random_string
 from keyedpool import Key
 from keyedpool._routing import check_key
 
-from ._pool import _in_transaction, submit
+from ._pool import _in_transaction, _submit_after
 
 if TYPE_CHECKING:
     # The two frameworks (django.tasks, django_tasks) have the same API and
@@ -202,29 +215,31 @@ def keyed_task(
     backend: str = "default",
     takes_context: bool = False,
 ) -> KeyedTask | Callable[[Callable[..., Any]], KeyedTask]:
-    """The framework's ``@task`` with the key options spelled out, for type checkers.
+    """The framework's ``@task`` with the key options spelled out: works on every Django.
 
-    ``@task(key_arg="account_id")`` works as well at run time; but the type
-    stubs of ``django.tasks`` (django-stubs) do not accept extra options, so
-    mypy users may prefer ``@keyed_task(key_arg="account_id")``. It also works
-    with other backends (e.g. the ``ImmediateBackend`` in a test settings file):
-    they run tasks in their own way, so the key options are left out there.
+    The framework's own ``@task(key_arg="account_id")`` works too on Django 6.1+
+    and with the ``django-tasks`` backport, but not on Django 6.0, whose ``@task``
+    takes no extra options; and the type stubs of ``django.tasks`` (django-stubs)
+    do not accept extra options, so mypy users may prefer
+    ``@keyed_task(key_arg="account_id")`` anyway. It also works with other
+    backends (e.g. the ``ImmediateBackend`` in a test settings file): they run
+    tasks in their own way, so the key options are left out there.
     """
     from_framework = _framework_task()
 
     def decorate(func: Callable[..., Any]) -> KeyedTask:
-        options: dict[str, Any] = {}
-        backends = importlib.import_module(_FRAMEWORK).task_backends
-        if issubclass(backends[backend].task_class, KeyedTask):
-            options = {"key_arg": key_arg, "key": key}
+        # Django 6.0's @task takes no options beyond its own (6.1 and the backport
+        # pass the rest on to the task class): make the task with those, then set the key.
         made: KeyedTask = from_framework(
             func,
             priority=priority,
             queue_name=queue_name,
             backend=backend,
             takes_context=takes_context,
-            **options,
         )
+        if isinstance(made, KeyedTask) and (key_arg is not None or key is not None):
+            # replace() makes a new task, which the backend checks again, key included.
+            made = dataclasses.replace(made, key_arg=key_arg, key=key)
         return made
 
     if function is not None:
@@ -290,11 +305,19 @@ def _results_for(alias: str, max_results: int) -> _Results:
         return store
 
 
+def _seconds_until(when: datetime | None) -> float | None:
+    # How long a task deferred to *when* (``run_after``) waits from now; None: it does not.
+    if when is None:
+        return None
+    now = datetime.now(dt_timezone.utc) if timezone.is_aware(when) else timezone.now()
+    return max(0.0, (when - now).total_seconds())
+
+
 class KeyedPoolBackend(BaseTaskBackend):  # type: ignore[misc]
     """Runs enqueued tasks on keyedpool's process-wide pool, in order per key."""
 
     task_class = KeyedTask
-    supports_defer = False
+    supports_defer = True
     supports_async_task = True
     supports_get_result = True
     supports_priority = False
@@ -379,7 +402,7 @@ class KeyedPoolBackend(BaseTaskBackend):  # type: ignore[misc]
         self._results.update(result, enqueued_at=timezone.now())
         task_enqueued.send(type(self), task_result=result)
         try:
-            submit(key, self._execute, result)
+            _submit_after(_seconds_until(result.task.run_after), key, self._execute, result)
         except Exception as exc:
             self._fail(result, exc)
             task_finished.send(type(self), task_result=result)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
+from datetime import datetime, timedelta
+from typing import Any
 
 import django
 import pytest
 from django.db import transaction
+from django.utils import timezone
 from kp_project.ledger import tasks
 from kp_project.ledger.models import Entry
 
@@ -15,10 +19,11 @@ from keyedpool.contrib.django import get_pool, shutdown
 from keyedpool.contrib.django.tasks import KeyedPoolBackend, KeyedTask, keyed_task
 
 if django.VERSION >= (6, 0):
-    from django.tasks import TaskResultStatus, task, task_backends
+    from django.tasks import Task, TaskResultStatus, task, task_backends
     from django.tasks.exceptions import InvalidTask, InvalidTaskBackend, TaskResultDoesNotExist
 else:  # the django-tasks backport; one import per line, for the type checker
     from django_tasks import TaskResultStatus, task, task_backends  # type: ignore[assignment,no-redef,import-not-found]
+    from django_tasks.base import Task  # type: ignore[assignment,no-redef,import-not-found]
     from django_tasks.exceptions import InvalidTaskBackendError as InvalidTaskBackend  # type: ignore[assignment,no-redef,import-not-found]
     from django_tasks.exceptions import InvalidTaskError as InvalidTask  # type: ignore[assignment,no-redef,import-not-found]
     from django_tasks.exceptions import TaskResultDoesNotExist  # type: ignore[assignment,no-redef,import-not-found]
@@ -126,6 +131,40 @@ def test_failure_is_recorded(sqlite_db: str) -> None:
         result.return_value  # noqa: B018
 
 
+def test_a_deferred_task_runs_after_run_after_and_holds_its_key(sqlite_db: str) -> None:
+    # run_after: the task waits (without a worker); its key's later task waits
+    # behind it, and another key runs meanwhile.
+    assert task_backends["default"].supports_defer
+    when = timezone.now() + timedelta(seconds=0.3)
+    deferred = tasks.post_entry.using(run_after=when).enqueue("deferred", 1)
+    behind = tasks.post_entry.enqueue("deferred", 2)
+    other = tasks.post_entry.enqueue("other", 3)
+    deadline = time.monotonic() + WAIT
+    while True:
+        other.refresh()
+        if other.is_finished or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
+    assert other.status == TaskResultStatus.SUCCESSFUL
+    deferred.refresh()
+    behind.refresh()
+    if timezone.now() < when:  # (on a loaded machine the time may have come already)
+        assert (deferred.status, behind.status) == (TaskResultStatus.READY,) * 2
+    shutdown(wait=True)  # waits for the deferred task: it was accepted
+    for result in (deferred, behind):
+        result.refresh()
+        assert result.status == TaskResultStatus.SUCCESSFUL, result.errors
+    assert deferred.started_at is not None and deferred.started_at >= when
+    assert list(
+        Entry.objects.filter(account="deferred").order_by("id").values_list("seq", flat=True)
+    ) == [1, 2]
+
+
+def test_run_after_must_be_aware(sqlite_db: str) -> None:
+    with pytest.raises(InvalidTask, match="aware"):
+        tasks.post_entry.using(run_after=datetime.now()).enqueue("acct", 1)  # noqa: DTZ005
+
+
 def test_context_fixed_key_async_and_kwargs_tasks(sqlite_db: str) -> None:
     ctx = tasks.with_context.enqueue("acct-2")
     audits = [tasks.audit.enqueue(n) for n in range(5)]
@@ -179,13 +218,32 @@ def test_results_are_bounded(sqlite_db: str) -> None:
 
 def test_bad_key_options_are_refused(sqlite_db: str) -> None:
     with pytest.raises(InvalidTask, match="not an argument"):
-        task(key_arg="customer")(tasks.plain)  # type: ignore[call-overload]
+        keyed_task(key_arg="customer")(tasks.plain)
     with pytest.raises(InvalidTask, match="key or key_arg"):
-        task(key_arg="account", key="x")(tasks.plain)  # type: ignore[call-overload]
+        keyed_task(key_arg="account", key="x")(tasks.plain)
     with pytest.raises(InvalidTask, match="key must be"):
         keyed_task(key=1.5)(tasks.plain)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="not both"):
         tasks.post_entry.using(key="x", key_arg="account")
+
+
+@pytest.mark.skipif(
+    not tasks.FRAMEWORK_TASK_TAKES_KEY, reason="Django 6.0's @task takes no extra options"
+)
+def test_the_frameworks_own_task_takes_the_key_options(sqlite_db: str) -> None:
+    made = task(key="x")(tasks.plain)  # type: ignore[call-overload]
+    assert isinstance(made, KeyedTask) and (made.key, made.key_arg) == ("x", None)
+    with pytest.raises(InvalidTask, match="not an argument"):
+        task(key_arg="customer")(tasks.plain)  # type: ignore[call-overload]
+    with pytest.raises(InvalidTask, match="key or key_arg"):
+        task(key_arg="account", key="x")(tasks.plain)  # type: ignore[call-overload]
+
+
+@pytest.mark.skipif(tasks.FRAMEWORK_TASK_TAKES_KEY, reason="only Django 6.0's @task")
+def test_django_6_0s_task_takes_no_key_options(sqlite_db: str) -> None:
+    # As docs/django.md says: on Django 6.0 only keyed_task sets the key options.
+    with pytest.raises(TypeError, match="unexpected keyword argument 'key_arg'"):
+        task(key_arg="account")(tasks.plain)  # type: ignore[call-overload]
 
 
 def test_bad_key_value_is_refused_at_enqueue(sqlite_db: str) -> None:
@@ -203,8 +261,13 @@ def test_bad_backend_options_are_refused(sqlite_db: str) -> None:
 
 
 def test_keyed_task_on_this_and_on_other_backends(sqlite_db: str) -> None:
+    # On every Django, 6.0 included (whose @task takes no extra options).
     made = keyed_task(key_arg="account")(tasks.plain)
-    assert isinstance(made, KeyedTask) and made.key_arg == "account"
+    assert isinstance(made, KeyedTask) and (made.key_arg, made.key) == ("account", None)
+    fixed = keyed_task(key="audit", backend="small")(tasks.plain)
+    assert (fixed.key, fixed.key_arg, fixed.backend) == ("audit", None, "small")
+    bare = keyed_task(tasks.plain)
+    assert isinstance(bare, KeyedTask) and (bare.key, bare.key_arg) == (None, None)
     # Another backend (as in a test settings file): the key options are left out.
     elsewhere = keyed_task(key_arg="account", backend="immediate")(tasks.echo)
     assert not isinstance(elsewhere, KeyedTask)
@@ -220,3 +283,20 @@ def test_using_passes_options_it_does_not_know_to_the_framework() -> None:
         tasks.gated_entry.using(not_an_option=1)
     moved = tasks.gated_entry.using(key="audit", queue_name="default")
     assert (moved.key, moved.key_arg, moved.queue_name) == ("audit", None, "default")
+
+
+def test_using_passes_a_newer_djangos_options_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A newer Django's Task.using() may take more options (say, metadata=): KeyedTask.using()
+    # gives them to it, and still sets the key.
+    given: list[object] = []
+    this_djangos_using = Task.using
+
+    def newer_using(self: Any, *, metadata: object = None, **options: Any) -> Any:
+        given.append(metadata)
+        return this_djangos_using(self, **options)
+
+    monkeypatch.setattr(Task, "using", newer_using)
+    moved = tasks.post_entry.using(metadata={"source": "api"}, key="audit", backend="small")
+    assert given == [{"source": "api"}]
+    assert isinstance(moved, KeyedTask)
+    assert (moved.key, moved.key_arg, moved.backend) == ("audit", None, "small")
