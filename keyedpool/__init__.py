@@ -16,7 +16,7 @@ from ._stats import KeyBacklog, PoolStats, TaskSeconds, WorkerStats
 from ._threadpool import ThreadPoolExecutor
 from ._views import KeyExecutor
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BrokenKeyedPool",

@@ -4,18 +4,12 @@ The broker adapters (``keyedpool.contrib.redis``, ``.nats``, ``.kafka``) fetch
 messages and settle them with their broker; everything in between lives here, in
 :class:`KeyedHandling`:
 
-* **Per-key order that survives failures.** Every message of a key gets a
-  sequence number when it is dispatched. A message's handler runs only when its
-  number is the key's next one; a later message that reaches a worker while an
-  earlier one of its key is waiting for a retry steps aside ("parks") and is
-  resubmitted as soon as its turn comes. The next message of a key never
-  overtakes a failed one.
-* **Retries that block only their own key.** A failed attempt does *not* sleep
-  on the worker: the task returns at once and a timer resubmits the message
-  after its backoff. Retrying inside the pool task would hold the whole worker,
-  i.e. every key hashed to it, for the full backoff; chaining the key in the
-  consumer holds only that key. (Messages of other keys on the same worker keep
-  running; the parked messages of the failed key cost a dict entry each.)
+* **Per-key order that survives failures, and retries that block only their
+  own key.** Each message is submitted with ``submit_with(key, ..., retry=...)``:
+  a failed attempt does *not* sleep on a worker; the pool parks the message for
+  its backoff and holds its key meanwhile, so the key's later messages wait
+  behind it while every worker runs other keys. The next message of a key
+  never overtakes a failed one.
 * **Retry policy and dead letters.** :class:`RetryPolicy` says how many times a
   handler is called for one message and how long to wait in between. When the
   attempts run out, or the handler raises :class:`DeadLetter`, the adapter's
@@ -61,13 +55,12 @@ full to not full.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import math
 import threading
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -125,31 +118,36 @@ class ConsumerStats:
     ack_errors: int
 
 
+class _Again(Exception):
+    """Raised by a message's task to have the pool run it again after the backoff."""
+
+
+#: Calls of one message's task, at most: the handler's attempts, then the dead
+#: letter's, which are retried until they succeed (nothing is lost).
+_FOREVER = 2**62
+
+
 class _Item(Generic[M]):
-    """One message on its way through the pool."""
+    """One message on its way through the pool.
 
-    __slots__ = ("attempt", "dead", "failure", "key", "message", "seq")
+    Its fields are used by one thread at a time: the task's attempts run one
+    after another (the pool holds the key in between).
+    """
 
-    def __init__(self, key: Key | None, message: M, seq: int) -> None:
+    __slots__ = ("attempt", "dead", "failure", "future", "key", "message", "settled")
+
+    def __init__(self, key: Key | None, message: M) -> None:
         self.key = key
         self.message = message
-        self.seq = seq
         #: Handler calls made so far.
         self.attempt = 0
         self.failure: BaseException | None = None
         #: Set once the message is due for the dead-letter destination.
         self.dead = False
-
-
-class _Lane:
-    """A key with messages in flight: whose turn it is, and who is waiting."""
-
-    __slots__ = ("last_seq", "next_seq", "parked")
-
-    def __init__(self) -> None:
-        self.next_seq = 0
-        self.last_seq = -1
-        self.parked: dict[int, _Item[object]] = {}
+        #: Owner: KeyedHandling._lock. The task that runs it, and whether it
+        #: was settled (acked) or abandoned (left for the broker to deliver again).
+        self.future: Future[None] | None = None
+        self.settled = False
 
 
 class KeyedHandling(Generic[M]):
@@ -166,8 +164,8 @@ class KeyedHandling(Generic[M]):
             again later).
         dead_letter: called with the message and the last exception when the
             retries ran out. It should write the message to the dead-letter
-            destination; if it raises, it is called again after
-            ``retry.max_backoff`` seconds (the key waits: nothing is lost).
+            destination; if it raises, it is called again after the backoff
+            (which grows to ``retry.max_backoff``; the key waits: nothing is lost).
         retry: the :class:`RetryPolicy`.
         max_in_flight: the most messages dispatched and not settled. Default:
             the pool's ``max_pending``.
@@ -221,19 +219,29 @@ class KeyedHandling(Generic[M]):
         self._max = max_in_flight
         self._on_redelivered = on_redelivered
         self._on_room = on_room
+        #: What the pool does with a message's task: run it again after the
+        #: policy's backoff whenever it raises _Again (see _run), holding its key.
+        self._again = RetryPolicy(
+            attempts=_FOREVER,
+            backoff=retry.backoff,
+            multiplier=retry.multiplier,
+            max_backoff=retry.max_backoff,
+            jitter=retry.jitter,
+            retry_on=(_Again,),
+        )
+        # Owner of everything below: _lock (_changed is its condition).
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._lanes: dict[Key, _Lane] = {}
+        #: Messages dispatched and not settled or abandoned.
+        self._items: set[_Item[M]] = set()
+        #: Keys with a message waiting for a retry, and how many messages of
+        #: each key are in flight (for stats().parked).
+        self._failing: set[Key] = set()
+        self._per_key: dict[Key, int] = {}
         self._in_flight = 0
-        self._parked = 0
         self._closed = False
         self._received = self._handled = self._retries = self._dead = 0
         self._redelivered = self._duplicates = self._ack_errors = 0
-        # The timer: (due, order, item) entries resubmitted by one thread.
-        self._timer_heap: list[tuple[float, int, _Item[M]]] = []
-        self._timer_order = itertools.count()
-        self._timer_wake = threading.Condition(threading.Lock())
-        self._timer: threading.Thread | None = None
 
     # -- what adapters call -------------------------------------------------------
 
@@ -278,29 +286,11 @@ class KeyedHandling(Generic[M]):
         and ``TypeError`` for a key that is not ``str``, ``bytes``, ``int`` or ``None``.
         """
         check_key(key)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("keyedpool: this consumer is closed")
-            if key is None:
-                seq = 0
-            else:
-                lane = self._lanes.get(key)
-                if lane is None:
-                    lane = self._lanes[key] = _Lane()
-                lane.last_seq += 1
-                seq = lane.last_seq
-            self._in_flight += 1
-            self._received += 1
-            if redelivered:
-                self._redelivered += 1
-        item = _Item(key, message, seq)
+        item = _Item(key, message)
+        self._accept(item, redelivered)
         if redelivered and self._on_redelivered is not None:
             self._call_hook(self._on_redelivered, message)
-        try:
-            self._pool.submit(key, self._run, item)
-        except BaseException:
-            self._abandon(item)
-            raise
+        self._submit(item)
 
     def dispatch_dead(
         self, message: M, error: BaseException, *, redelivered: bool = False
@@ -311,21 +301,11 @@ class KeyedHandling(Generic[M]):
         not be read. It runs on a worker like any message (no order kept), and
         is acked once the dead letter is written.
         """
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("keyedpool: this consumer is closed")
-            self._in_flight += 1
-            self._received += 1
-            if redelivered:
-                self._redelivered += 1
-        item = _Item(None, message, 0)
+        item = _Item(None, message)
         item.dead = True
         item.failure = error
-        try:
-            self._pool.submit(None, self._run, item)
-        except BaseException:
-            self._abandon(item)
-            raise
+        self._accept(item, redelivered)
+        self._submit(item)
 
     def note_duplicate(self, message: M) -> None:
         """Count a copy of a message the adapter dropped because it already has it."""
@@ -369,24 +349,23 @@ class KeyedHandling(Generic[M]):
             next_call = monotonic() + every
 
     def close(self) -> None:
-        """Refuse further dispatches and stop the retry timer. Safe to call more than once.
+        """Refuse further dispatches. Safe to call more than once.
 
-        Call :meth:`drain` first: messages still waiting for a retry are then
-        left unacked, and the broker delivers them again later.
+        Call :meth:`drain` first: messages still waiting (for a retry, or
+        behind one) are cancelled and left unacked, and the broker delivers
+        them again later. A handler that is running finishes.
         """
         with self._changed:
             self._closed = True
             self._changed.notify_all()
-        with self._timer_wake:
-            self._timer_heap.clear()
-            self._timer_wake.notify_all()
-        timer = self._timer
-        if timer is not None and timer is not threading.current_thread():
-            timer.join()
+            futures = [item.future for item in self._items if item.future is not None]
+        for future in futures:
+            future.cancel()  # (its done-callback abandons the message)
 
     def stats(self) -> ConsumerStats:
         """A snapshot of the counters."""
         with self._lock:
+            parked = sum(self._per_key.get(key, 1) - 1 for key in self._failing)
             return ConsumerStats(
                 received=self._received,
                 handled=self._handled,
@@ -395,23 +374,45 @@ class KeyedHandling(Generic[M]):
                 redelivered=self._redelivered,
                 duplicates=self._duplicates,
                 in_flight=self._in_flight,
-                parked=self._parked,
+                parked=parked,
                 ack_errors=self._ack_errors,
             )
+
+    # -- on the dispatching thread -----------------------------------------------
+
+    def _accept(self, item: _Item[M], redelivered: bool) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("keyedpool: this consumer is closed")
+            self._items.add(item)
+            self._in_flight += 1
+            self._received += 1
+            if redelivered:
+                self._redelivered += 1
+            if item.key is not None:
+                self._per_key[item.key] = self._per_key.get(item.key, 0) + 1
+
+    def _submit(self, item: _Item[M]) -> None:
+        # A consumer cannot drop a message, so it waits for room in a full shared
+        # pool (whatever that pool's on_full says); max_in_flight keeps its own
+        # pool from filling up.
+        try:
+            future = self._pool.submit_with(
+                item.key, self._run, (item,), retry=self._again, on_full="block"
+            )
+        except BaseException:
+            self._abandon(item)
+            raise
+        with self._lock:
+            item.future = future
+        future.add_done_callback(lambda f: self._ended(item, f))
 
     # -- on the workers ---------------------------------------------------------
 
     def _run(self, item: _Item[M]) -> None:
+        # The message's task. It raises _Again to be run again after the
+        # backoff: the pool holds the key meanwhile, and no worker waits.
         key = item.key
-        if key is not None:
-            with self._lock:
-                lane = self._lanes[key]
-                if item.seq != lane.next_seq:
-                    # An earlier message of this key is waiting for a retry: wait
-                    # for our turn without holding the worker.
-                    lane.parked[item.seq] = item  # type: ignore[assignment]
-                    self._parked += 1
-                    return
         if not item.dead:
             item.attempt += 1
             if item.attempt > 1:
@@ -435,8 +436,8 @@ class KeyedHandling(Generic[M]):
                         self._retry.attempts,
                         exc_info=True,
                     )
-                    self._later(self._retry.wait(item.attempt), item)
-                    return
+                    self._failing_now(key, True)
+                    raise _Again from None
             else:
                 self._settle(item, handled=True)
                 return
@@ -446,13 +447,36 @@ class KeyedHandling(Generic[M]):
             self._dead_letter(item.message, failure)
         except Exception:
             log.exception(
-                "keyedpool: could not dead-letter a message of key %r; trying again in %ss",
+                "keyedpool: could not dead-letter a message of key %r; trying again later",
                 key,
-                self._retry.max_backoff,
             )
-            self._later(self._retry.max_backoff, item)
-            return
+            self._failing_now(key, True)
+            raise _Again from None
         self._settle(item, handled=False)
+
+    def _failing_now(self, key: Key | None, failing: bool) -> None:
+        if key is not None:
+            with self._lock:
+                if failing:
+                    self._failing.add(key)
+                else:
+                    self._failing.discard(key)
+
+    def _ended(self, item: _Item[M], future: Future[None]) -> None:
+        # The message's task is done. Settled, normally; else it was cancelled
+        # (close(), or the pool shut down) or the pool would not retry it (a
+        # pool shutting down): leave it unacked, for the broker to deliver again.
+        if future.cancelled() or future.exception() is not None:
+            with self._lock:
+                settled = item.settled
+            if not settled:
+                if not future.cancelled():
+                    log.warning(
+                        "keyedpool: the pool is shutting down; a message of key %r "
+                        "stays unacked and will be delivered again",
+                        item.key,
+                    )
+                self._abandon(item)
 
     def _settle(self, item: _Item[M], *, handled: bool) -> None:
         # Ack, let the key's next message run, free the slot.
@@ -463,7 +487,6 @@ class KeyedHandling(Generic[M]):
             ack_failed = True
         else:
             ack_failed = False
-        resume: _Item[M] | None = None
         with self._changed:
             if ack_failed:
                 self._ack_errors += 1
@@ -471,71 +494,35 @@ class KeyedHandling(Generic[M]):
                 self._handled += 1
             elif item.dead:
                 self._dead += 1
-            key = item.key
-            if key is not None:
-                lane = self._lanes[key]
-                lane.next_seq += 1
-                waiting = lane.parked.pop(lane.next_seq, None)
-                if waiting is not None:
-                    self._parked -= 1
-                    resume = waiting  # type: ignore[assignment]
-                elif lane.next_seq > lane.last_seq and not lane.parked:
-                    del self._lanes[key]
-            was_full = self._in_flight >= self._max
-            self._in_flight -= 1
-            self._changed.notify_all()
-        if resume is not None:
-            self._later(0.0, resume)
+            was_full = self._let_go(item)
         if was_full and self._on_room is not None:
             self._call_hook(self._on_room)
 
+    def _let_go(self, item: _Item[M]) -> bool:
+        # With _lock held: *item* is no longer in flight. Returns whether the
+        # consumer was full.
+        item.settled = True
+        self._items.discard(item)
+        key = item.key
+        if key is not None:
+            left = self._per_key.pop(key) - 1
+            if left:
+                self._per_key[key] = left
+            self._failing.discard(key)
+        was_full = self._in_flight >= self._max
+        self._in_flight -= 1
+        self._changed.notify_all()
+        return was_full
+
     def _abandon(self, item: _Item[M]) -> None:
-        # The pool refused the message: leave it unacked (the broker delivers it
-        # again) and free its slot. Its key's later messages stay unhandled too.
+        # The pool refused or dropped the message: leave it unacked (the broker
+        # delivers it again) and free its slot.
         with self._changed:
-            self._in_flight -= 1
-            self._changed.notify_all()
-
-    # -- the timer: retries and parked messages go back to the pool ---------------
-
-    def _later(self, delay: float, item: _Item[M]) -> None:
-        with self._timer_wake:
-            if self._timer is None:
-                self._timer = threading.Thread(
-                    target=self._timer_loop,
-                    name="keyedpool-consumer-timer",
-                    daemon=True,
-                )
-                self._timer.start()
-            heapq.heappush(
-                self._timer_heap, (monotonic() + delay, next(self._timer_order), item)
-            )
-            self._timer_wake.notify()
-
-    def _timer_loop(self) -> None:
-        # Only this thread resubmits, so a worker never waits for room in the pool.
-        while True:
-            with self._timer_wake:
-                while True:
-                    if self._closed:
-                        return
-                    if self._timer_heap:
-                        wait = self._timer_heap[0][0] - monotonic()
-                        if wait <= 0:
-                            item = heapq.heappop(self._timer_heap)[2]
-                            break
-                        self._timer_wake.wait(wait)
-                    else:
-                        self._timer_wake.wait()
-            try:
-                self._pool.submit(item.key, self._run, item)
-            except RuntimeError:
-                log.warning(
-                    "keyedpool: the pool was shut down; a message of key %r stays "
-                    "unacked and will be delivered again",
-                    item.key,
-                )
-                self._abandon(item)
+            if item.settled:
+                return
+            was_full = self._let_go(item)
+        if was_full and self._on_room is not None:
+            self._call_hook(self._on_room)
 
     @staticmethod
     def _call_hook(hook: Callable[..., object], *args: object) -> None:

@@ -10,6 +10,7 @@ import threading
 from collections import defaultdict
 
 import pytest
+from _util import wait_until
 
 from keyedpool import KeyedPoolExecutor
 from keyedpool._routing import worker_index
@@ -241,7 +242,7 @@ def test_many_keys_with_random_failures_keep_order_and_settle_each_message_once(
     stats = handling.stats()
     assert stats.retries == sum(min(n, 2) for n in plan.values())
     assert stats.in_flight == 0 and stats.parked == 0
-    assert not handling._lanes  # no per-key state is left behind once settled
+    assert not handling._per_key and not handling._items  # nothing left behind once settled
 
 
 def test_dispatch_dead_writes_the_dead_letter_without_calling_the_handler() -> None:
@@ -274,3 +275,95 @@ def test_read_key_checks_what_the_key_function_returns() -> None:
 
     with pytest.raises(KeyError):
         read_key(missing, "k")
+
+
+def test_a_retry_is_not_lost_when_a_shared_pool_is_full() -> None:
+    # The pool is shared with other work and refuses submits when full
+    # (on_full="raise"). A message that failed must still be retried (by the
+    # pool itself, holding its key), and the key's next message must follow.
+    from keyedpool import PoolFull
+
+    rec = _Recorder()
+    failed = threading.Event()
+    second_done = threading.Event()
+    gate = threading.Event()
+
+    def handler(msg: tuple[str, int]) -> None:
+        with rec.lock:
+            rec.calls[msg] += 1
+            first = rec.calls[msg] == 1
+        if msg == ("k", 0) and first:
+            failed.set()
+            raise RuntimeError("fails once")
+        with rec.lock:
+            rec.handled["k"].append(msg[1])
+        if msg == ("k", 1):
+            second_done.set()
+
+    with KeyedPoolExecutor(2, max_pending=6, on_full="raise") as pool:
+        handling = KeyedHandling(
+            handler, pool=pool, ack=rec.ack, dead_letter=rec.dead_letter,
+            retry=RetryPolicy(attempts=3, backoff=0.05),
+        )
+        handling.dispatch("k", ("k", 0))
+        handling.dispatch("k", ("k", 1))
+        assert failed.wait(30)
+        # The second message waits behind the failed one, and no worker runs.
+        wait_until(
+            lambda: handling.stats().parked == 1
+            and not any(w.running for w in pool.stats().workers)
+        )
+        # Other work fills the pool: one task holds a worker, the rest queue behind it.
+        others = []
+        while True:
+            try:
+                others.append(pool.submit("other", gate.wait, 30))
+            except PoolFull:
+                break
+        try:
+            # The retry runs on the free worker while the pool stays full.
+            assert second_done.wait(30), "the failed message was never retried"
+        finally:
+            gate.set()
+        assert handling.drain(30)
+        handling.close()
+    assert rec.handled["k"] == [0, 1]
+    assert sorted(rec.acked) == [("k", 0), ("k", 1)]
+    assert handling.stats().retries == 1
+
+
+def test_a_full_shared_pool_makes_dispatch_wait_not_drop_the_key() -> None:
+    # With on_full="raise", a full shared pool used to refuse the message, and
+    # every later message of its key then waited for good. Now dispatch waits
+    # for room (a consumer cannot drop a message), and the key goes on.
+    rec = _Recorder()
+    gate = threading.Event()
+
+    def handler(msg: tuple[str, int]) -> None:
+        with rec.lock:
+            rec.handled[msg[0]].append(msg[1])
+
+    with KeyedPoolExecutor(1, max_pending=2, on_full="raise") as pool:
+        handling = KeyedHandling(
+            handler, pool=pool, ack=rec.ack, dead_letter=rec.dead_letter, max_in_flight=10
+        )
+        pool.submit("other", gate.wait, 30)
+        pool.submit("other", int, "1")  # the pool is full now
+        errors: list[BaseException] = []
+
+        def dispatch_first() -> None:
+            try:
+                handling.dispatch("k", ("k", 0))
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+                errors.append(exc)
+
+        sender = threading.Thread(target=dispatch_first)
+        sender.start()
+        wait_until(lambda: len(pool._pool.room_waiters) == 1 or bool(errors))
+        gate.set()
+        sender.join(30)
+        assert not sender.is_alive() and errors == []
+        handling.dispatch("k", ("k", 1))
+        assert handling.drain(30), "the key's later message never ran"
+        handling.close()
+    assert rec.handled["k"] == [0, 1]
