@@ -7,9 +7,15 @@ process a changing set of shards, with these rules:
 * **Members.** Every live consumer writes a heartbeat (a member entry that
   expires after ``ttl`` seconds) every ``ttl / 3`` seconds. A process that dies
   drops out of the members after at most ``ttl``.
-* **Assignment** (:func:`assign`): the live members, sorted by token; member
-  ``i`` of ``n`` should own the shards ``s`` with ``s % n == i``. Every member
-  computes the same answer from the same member list.
+* **Assignment** (:func:`assign`): the live members split the shards evenly
+  (each owns ``shards // n`` or one more), by rendezvous hashing with bounded
+  load: every (member, shard) pair has a fixed hash score, and the shards go
+  to the members with the highest scores that still have room. Every member
+  computes the same answer from the same member list, and a member joining or
+  leaving moves few shards (about ``shards / n``, a little more at worst),
+  so few shards have to drain. Earlier keyedpool versions split by
+  ``s % n``: while a group mixes old and new processes, a shard that each
+  side leaves to the other goes unread until all run the same version.
 * **Leases.** A member reads a shard only while it holds the shard's lease (a
   broker key set only if absent, expiring after ``ttl``, renewed with every
   heartbeat). A lease is what makes ownership exclusive while members disagree
@@ -35,11 +41,16 @@ The broker part is a :class:`LeaseStore`; this module holds no broker code.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Callable, Sequence
 from time import monotonic
 from typing import Protocol
+
+import mmh3
+
+from keyedpool._routing import key_bytes
 
 log = logging.getLogger("keyedpool.contrib")
 
@@ -47,16 +58,67 @@ __all__ = ["LeaseStore", "ShardLeases", "assign", "new_token"]
 
 
 def assign(shards: int, members: Sequence[str], me: str) -> frozenset[int]:
-    """The shards *me* should own: member ``i`` of the sorted *members* gets ``s % n == i``.
+    """The shards *me* should own when *members* (with *me* counted in) share *shards*.
+
+    Each member owns ``shards // n`` shards or one more, and every member
+    computes the same split from the same members, in any order. When a member
+    joins or leaves, about ``shards / n`` shards change owner.
 
     >>> sorted(assign(8, ["b", "a"], "b"))
-    [1, 3, 5, 7]
-    >>> assign(2, ["a", "b", "c"], "c")
+    [1, 3, 5, 6]
+    >>> sorted(assign(8, ["a", "b", "c"], "b"))  # c joins: b hands shard 5 over
+    [1, 3, 6]
+    >>> sorted(len(assign(8, ["a", "b", "c"], m)) for m in "abc")
+    [2, 3, 3]
+    >>> assign(2, ["a", "b", "c"], "a")  # more members than shards: a spare
     frozenset()
     """
-    ordered = sorted(set(members) | {me})
-    index, count = ordered.index(me), len(ordered)
-    return frozenset(s for s in range(shards) if s % count == index)
+    owners = _owners(shards, tuple(sorted(set(members) | {me})))
+    return frozenset(s for s, owner in enumerate(owners) if owner == me)
+
+
+# Every heartbeat asks again, mostly with the same members: compute each split once.
+@functools.lru_cache(maxsize=16)
+def _owners(shards: int, members: tuple[str, ...]) -> tuple[str, ...]:
+    """The owner of each shard: rendezvous hashing with a load bound, one pass.
+
+    Every (member, shard) pair gets a score from mmh3 (the same in every
+    process, unlike ``hash()``). Going from the highest score down, a pair is
+    taken if its shard has no owner yet and its member still has room: each
+    member may own ``shards // n`` shards, and the first ``shards % n`` to need
+    one more get it. A join only adds pairs and a leave only removes some, so
+    the order of the others never changes: most shards keep their owner, and
+    only shards near a member's bound move on. (Going through the shards in
+    index order instead, each to its best member with room, moves a few more.)
+    """
+    count = len(members)
+    base, extra = divmod(shards, count)
+    tokens = [key_bytes(m) for m in members]
+    # Ties (rare with 32-bit scores) go by the members' sorted order, the same everywhere.
+    scored = sorted(
+        (
+            (mmh3.hash(b"%d:" % shard + token, 0, False), index, shard)
+            for index, token in enumerate(tokens)
+            for shard in range(shards)
+        ),
+        reverse=True,
+    )
+    load = [0] * count
+    owners: dict[int, str] = {}
+    for _, index, shard in scored:
+        if shard in owners:
+            continue
+        if load[index] == base:
+            if not extra:
+                continue
+            extra -= 1
+        elif load[index] > base:
+            continue
+        load[index] += 1
+        owners[shard] = members[index]
+        if len(owners) == shards:
+            break
+    return tuple(owners[shard] for shard in range(shards))
 
 
 def new_token(name: str) -> str:
@@ -110,6 +172,8 @@ class ShardLeases:
         ttl: seconds a heartbeat and a lease last.
         token: this consumer's member token (see :func:`new_token`).
         on_change: called with :attr:`readable` whenever it changes.
+        clock: the time in seconds, ``time.monotonic`` unless given (tests
+            pass a fake one).
     """
 
     def __init__(
@@ -119,8 +183,10 @@ class ShardLeases:
         ttl: float,
         token: str,
         on_change: Callable[[frozenset[int]], None] | None = None,
+        clock: Callable[[], float] = monotonic,
     ) -> None:
         self._store = store
+        self._clock = clock
         self._shards = shards
         self._ttl = ttl
         self.token = token
@@ -136,10 +202,11 @@ class ShardLeases:
 
     @property
     def valid_until(self) -> float:
-        """The ``time.monotonic()`` until which the held leases are surely ours.
+        """The time until which the held leases are surely ours.
 
-        A fetching task that runs apart from :meth:`tick` checks this before
-        each fetch, so it stops in time even if the heartbeat is stuck.
+        It is a reading of *clock* (``time.monotonic()`` unless another was
+        given). A fetching task that runs apart from :meth:`tick` checks this
+        before each fetch, so it stops in time even if the heartbeat is stuck.
         """
         return self._valid_until
 
@@ -159,7 +226,7 @@ class ShardLeases:
         Broker errors are logged, not raised: the leases stay valid until
         their time runs out, and the next tick tries again.
         """
-        now = monotonic()
+        now = self._clock()
         if now >= self._next_beat:
             self._beat(now, busy)
         elif self._held and now >= self._valid_until:
@@ -172,10 +239,12 @@ class ShardLeases:
 
         Keep calling :meth:`tick` while draining: the heartbeat keeps the
         leases of the shards still draining, so nobody starts on their keys
-        meanwhile.
+        meanwhile. This consumer leaves the members at its next tick, so that
+        the others take each shard it releases at their next heartbeat.
         """
         self._leaving = True
         self._target = frozenset()
+        self._next_beat = 0.0  # beat (and so leave the members) at the next tick
 
     def leave(self, busy: Callable[[int], bool]) -> None:
         """At the end of a graceful stop: release every drained shard and leave the members.
@@ -184,10 +253,7 @@ class ShardLeases:
         """
         self.stop_taking()
         self._hand_over(busy)
-        try:
-            self._store.leave(self.token)
-        except Exception:
-            log.warning("keyedpool: could not leave the consumer members", exc_info=True)
+        self._leave_members()
         self._update()
 
     def _beat(self, started: float, busy: Callable[[int], bool]) -> None:
@@ -197,7 +263,7 @@ class ShardLeases:
         except Exception:
             log.warning("keyedpool: heartbeat failed; trying again", exc_info=True)
             self._next_beat = started + min(self._ttl / 10, 1.0)
-            if self._held and monotonic() >= self._valid_until:
+            if self._held and self._clock() >= self._valid_until:
                 self._lose(self._held, "could not renew its leases in time")
             return
         # The broker set the new expiry after `started`: we give up no later than it.
@@ -205,6 +271,10 @@ class ShardLeases:
         self._next_beat = started + self._ttl / 3
         self._lose({s for s, ok in zip(held, mine, strict=True) if not ok}, "its lease was taken")
         if self._leaving:
+            # The heartbeat renewed the leases of the shards still draining, and
+            # put this consumer back in the members: leave again, or the others
+            # would keep counting it in and leave the shards it releases unread.
+            self._leave_members()
             return
         self._target = assign(self._shards, members, self.token)
         for shard in sorted(self._target - self._held):
@@ -218,6 +288,12 @@ class ShardLeases:
             if taken:
                 self._held.add(shard)
                 self.gained.add(shard)
+
+    def _leave_members(self) -> None:
+        try:
+            self._store.leave(self.token)
+        except Exception:
+            log.warning("keyedpool: could not leave the consumer members", exc_info=True)
 
     def _hand_over(self, busy: Callable[[int], bool]) -> None:
         for shard in sorted(self._held - self._target):

@@ -45,7 +45,9 @@ Guarantees and their limits:
   under it; a redelivered copy of a message still in flight is dropped and
   counted in ``stats().duplicates``.
 * **Errors.** ``start()`` sets up the client in the calling thread, so a
-  bad address raises there. An error that later stops the consumer's thread
+  bad address raises there, within seconds: :class:`NatsConnectError` (a
+  ``nats.errors.NoServersError``) naming the addresses tried, once each
+  server was tried twice. An error that later stops the consumer's thread
   is kept in ``consumer.error`` and raised again by ``stop()``. A message whose
   key cannot be read is dead-lettered with that error. The consumer's thread
   is not a daemon; it is stopped gracefully when the interpreter exits.
@@ -87,6 +89,7 @@ _require("nats", "nats", "keyedpool.contrib.nats")
 import nats
 import nats.errors
 import nats.js.errors
+from nats.aio.client import DEFAULT_MAX_RECONNECT_ATTEMPTS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from keyedpool import Key, KeyedPoolExecutor
@@ -118,6 +121,7 @@ __all__ = [
     "KEY_HEADER",
     "ConsumerStats",
     "DeadLetter",
+    "NatsConnectError",
     "NatsConsumer",
     "NatsMessage",
     "NatsPublisher",
@@ -128,6 +132,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("keyedpool.contrib.nats")
+# Where nats-py logs the errors it reports when no error_cb is given.
+nats_log = logging.getLogger("nats.aio.client")
 
 #: The header :func:`publish` puts the key in, and where :class:`NatsConsumer` looks by default.
 KEY_HEADER = "Keyedpool-Key"
@@ -165,6 +171,95 @@ async def publish(
     all_headers[KEY_HEADER] = _key_text(key)
     return await js.publish(
         shard_subject(subject, shard_of(key, shards)), data, headers=all_headers
+    )
+
+
+class NatsConnectError(nats.errors.NoServersError):
+    """No NATS server could be reached when connecting; the message names the addresses tried.
+
+    A ``nats.errors.NoServersError``, which is what nats-py raises itself.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+# The most times the first connect tries each server, as nats-py's
+# max_reconnect_attempts: it bounds the first connect as well as reconnects,
+# and its default (60 tries, reconnect_time_wait = 2 s apart) makes a wrong
+# address take two minutes to fail. 1 is the fewest it takes (0 means no
+# limit): each server is tried twice.
+_FIRST_CONNECT_ATTEMPTS = 1
+
+
+async def _connect_nats(servers: str | list[str], options: Mapping[str, Any]) -> Client:
+    """``nats.connect(servers, **options)``, failing within seconds if no server can be reached.
+
+    Raises :class:`NatsConnectError` once each server was tried twice. After
+    that first connect, the ``max_reconnect_attempts`` asked for (or nats-py's
+    default) applies again, so a running client reconnects as long as before.
+    The failed tries of the first connect are logged at debug level, not with
+    a traceback each; an ``error_cb`` in *options* still hears all of them.
+    """
+    options = dict(options)
+    reconnect_attempts = options.get("max_reconnect_attempts", DEFAULT_MAX_RECONNECT_ATTEMPTS)
+    theirs = options.get("error_cb")
+    connected = False
+    last_error: BaseException | None = None
+
+    async def on_error(error: Exception) -> None:
+        nonlocal last_error
+        if not connected:
+            last_error = error
+            log.debug("keyedpool: connecting to NATS failed: %r", error)
+        if theirs is not None:
+            await theirs(error)
+        elif connected:
+            nats_log.error("nats: encountered error", exc_info=error)  # as nats-py does
+
+    options["error_cb"] = on_error
+    options["max_reconnect_attempts"] = _FIRST_CONNECT_ATTEMPTS
+    try:
+        nc = await nats.connect(servers, **options)
+    # (asyncio.TimeoutError is not the builtin TimeoutError on 3.10.)
+    except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:  # noqa: UP041
+        cause = last_error or exc
+        raise _cannot_connect(servers, _reason(cause)) from cause
+    # nats-py reads its options at each reconnect, so this is what they use.
+    nc.options["max_reconnect_attempts"] = reconnect_attempts
+    connected = True
+    return nc
+
+
+def _addresses(servers: str | Sequence[str]) -> str:
+    # The URLs nats-py tries (its default scheme and port filled in), without
+    # the user name and password some of them carry.
+    shown = []
+    for url in [servers] if isinstance(servers, str) else servers:
+        scheme, sep, rest = url.rpartition("://")
+        if not sep:
+            scheme = "nats"
+        netloc = rest.split("/", 1)[0].rpartition("@")[2]
+        if scheme not in ("ws", "wss") and not re.search(r":\d+$", netloc):
+            netloc += ":4222"
+        shown.append(f"{scheme}://{netloc}")
+    return ", ".join(shown)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, asyncio.TimeoutError) and not str(error):  # noqa: UP041 - 3.10
+        return "no answer within connect_timeout"
+    return str(error) or type(error).__name__
+
+
+def _cannot_connect(servers: str | Sequence[str], reason: str) -> NatsConnectError:
+    return NatsConnectError(
+        f"keyedpool: could not connect to NATS at {_addresses(servers)} ({reason}). "
+        "Check that a NATS server is running at that address and port and can be "
+        "reached from this host, and that the URL's scheme (nats://, tls://, ws://) "
+        "and credentials are right."
     )
 
 
@@ -299,7 +394,9 @@ class NatsPublisher:
 
     Creates the stream (capturing ``f"{subject}.*"``) if it does not exist.
     Each :meth:`publish` waits for JetStream's acknowledgement. Use it as a
-    context manager, or call :meth:`close`.
+    context manager, or call :meth:`close`. If no server can be reached, it
+    raises :class:`NatsConnectError`, naming the addresses, once each server
+    was tried twice (or after *timeout*).
     """
 
     def __init__(
@@ -320,9 +417,12 @@ class NatsPublisher:
         self._timeout = timeout
         self._loop = _Loop(f"keyedpool-nats-publisher-{stream}")
         try:
-            self._nc: Client = self._loop.call(
-                nats.connect(servers, **dict(connect_options or {})), timeout
-            )
+            try:
+                self._nc: Client = self._loop.call(
+                    _connect_nats(servers, connect_options or {}), timeout
+                )
+            except concurrent.futures.TimeoutError:
+                raise _cannot_connect(servers, f"no connection within {timeout} s") from None
             self._js = self._nc.jetstream()
             self._loop.call(_ensure_stream(self._js, stream, self.subject), timeout)
         except BaseException:
@@ -450,7 +550,10 @@ class NatsConsumer(_ConsumerBase):
             how quickly :meth:`stop` is noticed).
         ack_wait: the shard consumers' ack wait, in seconds (used when creating them).
         connect_options: more keyword arguments for ``nats.connect``. A
-            ``reconnected_cb`` given here is still called (after the consumer's own).
+            ``reconnected_cb`` given here is still called (after the consumer's own),
+            and an ``error_cb`` hears every failed try. ``max_reconnect_attempts``
+            applies once connected: the first connect tries each server twice
+            (``reconnect_time_wait`` apart), then :meth:`start` raises.
     """
 
     def __init__(
@@ -579,7 +682,9 @@ class NatsConsumer(_ConsumerBase):
     def start(self) -> NatsConsumer:
         """Connect and bind the shard consumers, then run :meth:`run` in a background thread.
 
-        Returns self. Connection and JetStream errors at setup raise here. The
+        Returns self. Connection and JetStream errors at setup raise here; if
+        no server can be reached, :class:`NatsConnectError` (naming the
+        addresses) once each server was tried twice, within seconds. The
         thread is not a daemon; the consumer is stopped gracefully (as by
         :meth:`stop`) when the interpreter exits.
         """
@@ -710,7 +815,7 @@ class NatsConsumer(_ConsumerBase):
                 await theirs()
 
         options["reconnected_cb"] = reconnected
-        self._nc = await nats.connect(self._servers, **options)
+        self._nc = await _connect_nats(self._servers, options)
         self._js = js = self._nc.jetstream()
         await _ensure_stream(js, self._stream, self._subject)
         if self._pinned is not None:
