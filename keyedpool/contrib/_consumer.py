@@ -39,7 +39,7 @@ API (stable; the Kafka adapter builds on it)::
                              on_redelivered=None, on_room=None)
     handling.wait_for_room(timeout=None) -> int   # free slots, 0 on timeout / stop
     handling.room() -> int
-    handling.dispatch(key, message, redelivered=False)   # never blocks on our slots
+    handling.dispatch(key, message, redelivered=False, wait=True) -> bool  # see its docstring
     handling.dispatch_dead(message, error, redelivered=False)  # straight to dead_letter
     handling.note_duplicate(message)
     handling.drain(timeout=None) -> bool                 # True once nothing is in flight
@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import mmh3
 
-from keyedpool import Key, KeyedPoolExecutor, RetryPolicy
+from keyedpool import Key, KeyedPoolExecutor, PoolFull, RetryPolicy
 from keyedpool._routing import SEED, check_key, key_bytes
 
 if TYPE_CHECKING:
@@ -276,21 +276,27 @@ class KeyedHandling(Generic[M]):
             return 0 if self._closed else self._max - self._in_flight
 
     def dispatch(
-        self, key: Key | None, message: M, *, redelivered: bool = False
-    ) -> None:
+        self, key: Key | None, message: M, *, redelivered: bool = False, wait: bool = True
+    ) -> bool:
         """Hand *message* to the pool: its handler runs after the earlier messages of *key*.
 
         ``None`` as the key means no order is kept for this message. This never
-        waits for :meth:`room` (call :meth:`wait_for_room` before fetching); it
-        waits only if a shared pool is full. Raises ``RuntimeError`` after :meth:`close`,
-        and ``TypeError`` for a key that is not ``str``, ``bytes``, ``int`` or ``None``.
+        waits for :meth:`room` (call :meth:`wait_for_room` before fetching); if a
+        shared pool is full it waits for room there, or, with ``wait=False``,
+        returns ``False`` at once with nothing dispatched (an event loop then
+        dispatches the message from another thread). Returns ``True`` once the
+        message is dispatched. Raises ``RuntimeError`` after :meth:`close`, and
+        ``TypeError`` for a key that is not ``str``, ``bytes``, ``int`` or ``None``.
         """
         check_key(key)
         item = _Item(key, message)
         self._accept(item, redelivered)
+        if not self._submit(item, wait):
+            self._unaccept(item, redelivered)
+            return False
         if redelivered and self._on_redelivered is not None:
             self._call_hook(self._on_redelivered, message)
-        self._submit(item)
+        return True
 
     def dispatch_dead(
         self, message: M, error: BaseException, *, redelivered: bool = False
@@ -305,7 +311,7 @@ class KeyedHandling(Generic[M]):
         item.dead = True
         item.failure = error
         self._accept(item, redelivered)
-        self._submit(item)
+        self._submit(item, True)
 
     def note_duplicate(self, message: M) -> None:
         """Count a copy of a message the adapter dropped because it already has it."""
@@ -392,20 +398,35 @@ class KeyedHandling(Generic[M]):
             if item.key is not None:
                 self._per_key[item.key] = self._per_key.get(item.key, 0) + 1
 
-    def _submit(self, item: _Item[M]) -> None:
+    def _submit(self, item: _Item[M], wait: bool) -> bool:
         # A consumer cannot drop a message, so it waits for room in a full shared
-        # pool (whatever that pool's on_full says); max_in_flight keeps its own
-        # pool from filling up.
+        # pool (whatever that pool's on_full says), unless told not to wait: then
+        # False. max_in_flight keeps its own pool from filling up.
         try:
             future = self._pool.submit_with(
-                item.key, self._run, (item,), retry=self._again, on_full="block"
+                item.key, self._run, (item,), retry=self._again,
+                on_full="block" if wait else "raise",
             )
+        except PoolFull:
+            if wait:
+                self._abandon(item)
+                raise
+            return False
         except BaseException:
             self._abandon(item)
             raise
         with self._lock:
             item.future = future
         future.add_done_callback(lambda f: self._ended(item, f))
+        return True
+
+    def _unaccept(self, item: _Item[M], redelivered: bool) -> None:
+        # dispatch(wait=False) found the pool full: as if it had never been called.
+        with self._changed:
+            self._received -= 1
+            if redelivered:
+                self._redelivered -= 1
+        self._abandon(item)
 
     # -- on the workers ---------------------------------------------------------
 

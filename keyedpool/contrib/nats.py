@@ -908,9 +908,16 @@ class NatsConsumer(_ConsumerBase):
                 await asyncio.sleep(self._fetch_timeout)
                 continue
             for msg in msgs:
-                self._receive(shard, msg)
+                waiting = self._receive(shard, msg)
+                if waiting is not None:
+                    # A shared pool is full: wait for room in another thread, not
+                    # on this event loop (which serves every shard, acks and
+                    # heartbeats), and keep this shard's order: the next message
+                    # is handed over only once this one is.
+                    await asyncio.get_running_loop().run_in_executor(None, waiting)
 
-    def _receive(self, shard: _Shard, msg: Msg) -> None:
+    def _receive(self, shard: _Shard, msg: Msg) -> Callable[[], object] | None:
+        """Hand one fetched message over; None, or a blocking call that must finish it."""
         meta = msg.metadata
         seq = meta.sequence.stream
         redelivered = meta.num_delivered > 1 or seq <= shard.delivered_before
@@ -921,17 +928,23 @@ class NatsConsumer(_ConsumerBase):
             self._handling.note_duplicate(copy)
             if held is None:
                 self._submit_ack(shard, msg.ack())
-            return
+            return None
         message = self._message(shard, msg, redelivered=redelivered)
         shard.in_flight[seq] = (message, monotonic())
         try:
             key = read_key(self._read_key, message)
         except Exception as exc:
-            # Its key cannot be read: dead-letter it (with the error), go on.
-            self._handling.dispatch_dead(message, exc, redelivered=redelivered)
-            return
+            # Its key cannot be read: dead-letter it (with the error), go on. (Rare:
+            # from a thread, since a full shared pool would make it wait.)
+            return functools.partial(
+                self._handling.dispatch_dead, message, exc, redelivered=redelivered
+            )
         object.__setattr__(message, "key", key)
-        self._handling.dispatch(key, message, redelivered=redelivered)
+        if not self._handling.dispatch(key, message, redelivered=redelivered, wait=False):
+            return functools.partial(
+                self._handling.dispatch, key, message, redelivered=redelivered
+            )
+        return None
 
     def _message(self, shard: _Shard, msg: Msg, *, redelivered: bool) -> NatsMessage:
         headers = msg.headers

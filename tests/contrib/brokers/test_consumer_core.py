@@ -367,3 +367,21 @@ def test_a_full_shared_pool_makes_dispatch_wait_not_drop_the_key() -> None:
         assert handling.drain(30), "the key's later message never ran"
         handling.close()
     assert rec.handled["k"] == [0, 1]
+
+
+def test_dispatch_without_waiting_returns_false_on_a_full_pool_and_changes_nothing() -> None:
+    rec = _Recorder()
+    gate = threading.Event()
+    with KeyedPoolExecutor(1, max_pending=1) as pool:
+        handling = KeyedHandling(
+            lambda msg: None, pool=pool, ack=rec.ack, dead_letter=rec.dead_letter
+        )
+        pool.submit("other", gate.wait, 30)  # full
+        assert handling.dispatch("k", ("k", 0), redelivered=True, wait=False) is False
+        stats = handling.stats()
+        assert (stats.received, stats.redelivered, stats.in_flight) == (0, 0, 0)
+        gate.set()
+        assert handling.dispatch("k", ("k", 0), wait=True) is True
+        assert handling.drain(30)
+        handling.close()
+    assert rec.acked == [("k", 0)]

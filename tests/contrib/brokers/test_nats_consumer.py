@@ -570,3 +570,38 @@ def test_messages_lost_with_the_connection_come_back_before_newer_ones(
         assert seq <= high + 1, f"{seq} ran before {high + 1}: {seen}"
         high = max(high, seq)
     assert sorted(set(seen)) == list(range(40))
+
+
+def test_a_full_shared_pool_does_not_block_the_event_loop(
+    nats_server: Server, stream: str
+) -> None:
+    # The consumer's event loop serves every shard, the acks and the lease
+    # heartbeats: a message that must wait for room in a full shared pool
+    # waits in another thread. (This reaches into the consumer's private
+    # loop, ``_loop.loop``, to see that it still runs: a change there fails here.)
+    from keyedpool import KeyedPoolExecutor
+
+    gate = threading.Event()
+    seen = _in_process(expected=20)
+    with KeyedPoolExecutor(2, max_pending=3, on_full="raise") as pool:
+        pool.submit("other", gate.wait, WAIT)
+        pool.submit("other", int, "1")
+        pool.submit("other", int, "2")  # full: 3 pending
+        with NatsPublisher(_url(nats_server), stream, shards=1) as pub:
+            for i in range(20):
+                pub.publish(f"k{i % 4}", str(i).encode())
+        consumer = NatsConsumer(
+            _url(nats_server), stream, seen.note_handled, shards=1, pool=pool
+        )
+        with consumer:
+            try:
+                wait_until(lambda: len(pool._pool.room_waiters) >= 1)
+                # A message waits for room; the loop still answers.
+                ran = asyncio.run_coroutine_threadsafe(asyncio.sleep(0), consumer._loop.loop)
+                assert ran.result(WAIT) is None
+                assert consumer.stats().handled == 0
+            finally:
+                gate.set()
+            assert seen.done.wait(WAIT)
+    assert seen.count == 20
+    assert _unacked(nats_server, stream) == 0
