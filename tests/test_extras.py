@@ -14,9 +14,11 @@ import pytest
         ("keyedpool.contrib.redis", "redis", "redis"),
         ("keyedpool.contrib.nats", "nats", "nats"),
         ("keyedpool.contrib.kafka", "confluent_kafka", "kafka"),
+        ("keyedpool.contrib.kafka_mock", "confluent_kafka", "kafka"),
         ("keyedpool.contrib.flask", "flask", "flask"),
         ("keyedpool.contrib.django", "django", "django"),
         ("keyedpool.contrib.prometheus", "prometheus_client", "prometheus"),
+        ("keyedpool.contrib.otel", "opentelemetry", "otel"),
     ],
 )
 def test_a_missing_extra_names_the_pip_command(

@@ -28,19 +28,26 @@ Guarantees and their limits:
   the next owner starts at the last committed offset, so messages handled but
   not committed yet are handled again. Kafka does not say which messages are
   such repeats: make handlers idempotent (for example, remember the last
-  offset handled per key). On real Kafka brokers a clean rebalance repeats
-  nothing: revoked partitions are drained and committed before they are
-  handed over (the brokers accept that commit during a rebalance). librdkafka's
-  mock cluster refuses it, so there the next owner repeats them; see
-  ``test_a_rebalance_finishes_revoked_messages_before_the_new_owner_starts`` in
-  ``tests/contrib/brokers/test_kafka.py``, which counts those repeats.
-* **Revoke timeout.** Draining revoked partitions waits at most
-  ``revoke_timeout`` seconds (keep it well under ``max.poll.interval.ms``: the
-  rebalance callback blocks the consumer's poll). When it runs out, the
-  consumer commits up to the lowest unfinished offset and lets the partitions
-  go; the next owner handles the unfinished messages again, possibly **while
-  they still run here** (the same key in two processes for a moment). Make
-  handlers idempotent, or raise ``revoke_timeout`` if handlers are slow.
+  offset handled per key).
+* **Cooperative rebalancing.** Unless the configuration says otherwise
+  (``partition.assignment.strategy``, or ``group.protocol="consumer"``), the
+  consumer uses ``"cooperative-sticky"``: a rebalance takes away only the
+  partitions that move to another process, and the others keep running
+  through it. A clean hand-over repeats nothing: the revoked partitions are
+  drained, what they finished is committed (tried again, with growing waits,
+  if the coordinator is briefly out of reach), and only then are they let go.
+  All members of a group must use the same kind of strategy: to move a running
+  group of eager consumers over, stop them all before starting the new ones,
+  or set ``"partition.assignment.strategy": "range,roundrobin"`` (librdkafka's
+  default, eager) to keep it as it is.
+* **Revoke timeout.** Draining revoked partitions and committing them takes
+  at most about ``revoke_timeout`` seconds (keep it well under
+  ``max.poll.interval.ms``: the rebalance callback blocks the consumer's poll).
+  When it runs out, the consumer commits up to the lowest unfinished offset
+  and lets the partitions go; the next owner handles the unfinished messages
+  again, possibly **while they still run here** (the same key in two
+  processes for a moment). Make handlers idempotent, or raise
+  ``revoke_timeout`` if handlers are slow.
 * **Backpressure.** At most ``max_in_flight`` messages are taken and not yet
   finished. A full consumer takes nothing more; if it stays full for a while
   (``5 * poll_timeout``), it pauses its partitions, so that librdkafka stops
@@ -60,6 +67,9 @@ Guarantees and their limits:
   (the default partitioner hashes the message key), so one process sees all of
   a key's messages in order. Produce with the ordering key as the message key,
   and use at least as many partitions as processes.
+
+No Kafka broker at hand? ``python -m keyedpool.contrib.kafka_mock`` runs
+librdkafka's mock cluster (see :mod:`keyedpool.contrib.kafka_mock`).
 """
 
 from __future__ import annotations
@@ -114,6 +124,33 @@ _OWNED_SETTINGS = ("enable.auto.commit", "enable.auto.offset.store")
 # A dead letter is written on a worker, which waits for it: fail it (and try
 # again later) after this long instead of librdkafka's default 300 s.
 _DEAD_LETTER_TIMEOUT_MS = 30_000
+# Cooperative rebalancing moves only the partitions that change owner; the
+# others keep running through a rebalance. (librdkafka's default, "range,
+# roundrobin", is eager: every rebalance revokes every partition of every member.)
+_DEFAULT_ASSIGNMENT_STRATEGY = "cooperative-sticky"
+# The commit of revoked partitions is tried this many times at most, the waits
+# between attempts doubling from _REVOKE_COMMIT_BACKOFF seconds, all within
+# revoke_timeout: a commit that fails makes the next owner repeat those messages.
+_REVOKE_COMMIT_ATTEMPTS = 4
+_REVOKE_COMMIT_BACKOFF = 0.1
+# Commit errors worth another attempt: the coordinator is moving, loading or out
+# of reach for a moment. Not REBALANCE_IN_PROGRESS: while this member sits in its
+# revoke callback it cannot rejoin, so the group can only go on to a generation
+# without it, where the commit is refused for good; waiting for that only delays
+# the rebalance. (Real brokers accept the commit while a rebalance waits for its
+# members; librdkafka's mock cluster refuses it.)
+_RETRIABLE_COMMIT_ERRORS = frozenset(
+    (
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError._TRANSPORT,
+        KafkaError._TIMED_OUT,
+        KafkaError._WAIT_COORD,
+    )
+)
 # Settings of the consumer configuration that the dead-letter producer reuses
 # (and every callback setting, ``*_cb``: oauth_cb, error_cb, ...).
 _CONNECTION_PREFIXES = (
@@ -217,7 +254,9 @@ class KafkaConsumer(_ConsumerBase):
             :class:`DeadLetter` to skip the retries).
         config: the confluent-kafka consumer configuration; ``bootstrap.servers``
             and ``group.id`` are required. ``auto.offset.reset`` defaults to
-            ``"earliest"``. Leave ``enable.auto.commit`` and
+            ``"earliest"`` and ``partition.assignment.strategy`` to
+            ``"cooperative-sticky"`` (not with ``group.protocol="consumer"``,
+            which is incremental anyway). Leave ``enable.auto.commit`` and
             ``enable.auto.offset.store`` alone: this consumer commits by itself.
         key: where the ordering key is: a header name (``str``; its value,
             ``bytes``, is the key; no such header: no order kept), or a function
@@ -243,25 +282,28 @@ class KafkaConsumer(_ConsumerBase):
             ``security.*``, ``sasl.*``, ``ssl.*``, ...) and its callbacks
             (``*_cb``, e.g. ``oauth_cb``). ``message.timeout.ms`` defaults to
             30 s here: a worker waits for its dead letter to be stored, and one
-            that fails is tried again after ``retry.max_backoff``.
+            that fails is tried again after the backoff (up to ``retry.max_backoff``).
         on_dead_letter: called (on a worker) with each dead-lettered message and
             its error, after it was written. If it raises, the error is logged.
         on_redelivered: called with each message known to be a redelivery.
             Kafka does not mark redeliveries, so today it is never called; it
             is here so that all keyedpool consumers take the same arguments.
-        on_assign: called (on the polling thread) with the partitions this
-            consumer was given, e.g. for logging or a readiness check.
+        on_assign: called (on the polling thread) at each rebalance with the
+            partitions this consumer was given, e.g. for logging or a
+            readiness check. With cooperative rebalancing (the default) these
+            are only the partitions added, often none: the list may be empty.
         on_revoke: called (on the polling thread) with the partitions being
             taken away: revoked (called before their in-flight messages are
-            finished and committed) or lost to a session timeout. Hooks that
+            finished and committed) or lost to a session timeout. With
+            cooperative rebalancing only the partitions that move. Hooks that
             raise are logged.
         max_in_flight: the most messages taken and not yet finished
             (backpressure). Default: the pool's ``max_pending``.
         batch: the most messages taken per poll.
         revoke_timeout: the longest wait, in seconds, for the in-flight
-            messages of revoked partitions to finish before they are handed
-            over (see the module docs). Must be less than half of
-            ``max.poll.interval.ms``.
+            messages of revoked partitions to finish and be committed before
+            they are handed over (see the module docs). Must be less than half
+            of ``max.poll.interval.ms``.
         commit_interval: seconds between offset commits while running (commits
             also happen when partitions are revoked and on stop).
         poll_timeout: the longest single wait for Kafka, in seconds (also how
@@ -345,6 +387,14 @@ class KafkaConsumer(_ConsumerBase):
         else:
             self._key = key
         self._config: dict[str, Any] = {"auto.offset.reset": "earliest", **config}
+        if (
+            "partition.assignment.strategy" not in config
+            and str(config.get("group.protocol", "")).lower() != "consumer"
+        ):
+            self._config["partition.assignment.strategy"] = _DEFAULT_ASSIGNMENT_STRATEGY
+        # Incremental rebalancing hands the callbacks only the partitions that
+        # move; eager rebalancing revokes and assigns the whole assignment.
+        self._incremental = _is_incremental(self._config)
         self._user_on_commit = self._config.get("on_commit")
         self._config.update(
             {
@@ -517,7 +567,11 @@ class KafkaConsumer(_ConsumerBase):
             self._collect()
             now = time.monotonic()
             if now >= next_commit:
-                self._commit(consumer, synchronous=False)
+                error = self._commit(consumer, synchronous=False)
+                if error is not None:
+                    # Sent again at the next interval; a crash before that
+                    # repeats these messages (at least once).
+                    log.warning("keyedpool kafka consumer: commit failed: %s", error)
                 next_commit = now + self._commit_interval
             if self._paused:
                 if handling.in_flight <= self._resume_at:
@@ -595,27 +649,80 @@ class KafkaConsumer(_ConsumerBase):
         *,
         synchronous: bool,
         states: Collection[_PartitionOffsets] | None = None,
-    ) -> None:
+    ) -> KafkaError | None:
+        """Commit what is finished in *states* (default: every partition).
+
+        Returns the error if the commit could not be sent, or (when
+        *synchronous*) if the broker refused it for some partition; else None.
+        """
         self._collect()
         chosen = self._partitions.values() if states is None else states
         offsets = [tp for tp in (state.to_commit() for state in chosen) if tp is not None]
         if not offsets:
-            return
+            return None
         try:
             if synchronous:
-                consumer.commit(offsets=offsets, asynchronous=False)
+                results = consumer.commit(offsets=offsets, asynchronous=False) or offsets
             else:
                 consumer.commit(offsets=offsets, asynchronous=True)
+                results = offsets
         except KafkaException as exc:
-            # A rebalance in progress, say: the next owner starts at the last
-            # committed offset and handles these messages again (at least once).
-            log.warning("keyedpool kafka consumer: commit failed: %s", exc)
-            return
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError):
+                return error
+            return KafkaError(KafkaError._FAIL, str(exc))
         self._commits += 1
-        for tp in offsets:
+        failed: KafkaError | None = None
+        for tp in results:
+            if tp.error is not None:
+                failed = failed or tp.error
+                continue
             state = self._partitions.get((tp.topic, tp.partition))
             if state is not None:
                 state.committed = tp.offset
+        return failed
+
+    def _commit_revoked(
+        self, consumer: Consumer, states: Collection[_PartitionOffsets], deadline: float
+    ) -> None:
+        """Commit what is finished in revoked partitions, retrying briefly if that fails.
+
+        The next owner starts at the committed offset: what this commit misses
+        is handled again there. At most _REVOKE_COMMIT_ATTEMPTS attempts, with
+        growing waits, none of them starting after *deadline* (the first
+        attempt always runs).
+        """
+        if self._stopping.is_set() and self._deadline is not None:
+            deadline = min(deadline, self._deadline)
+        backoff = _REVOKE_COMMIT_BACKOFF
+        attempt = 1
+        while True:
+            error = self._commit(consumer, synchronous=True, states=states)
+            if error is None:
+                return
+            if (
+                attempt >= _REVOKE_COMMIT_ATTEMPTS
+                or error.code() not in _RETRIABLE_COMMIT_ERRORS
+                or time.monotonic() + backoff > deadline
+            ):
+                break
+            log.info(
+                "keyedpool kafka consumer: commit of revoked partitions failed (%s); "
+                "trying again in %.2f s",
+                error,
+                backoff,
+            )
+            # This blocks the rebalance, as the drain does; revoke_timeout bounds both.
+            time.sleep(backoff)
+            backoff *= 2
+            attempt += 1
+        log.warning(
+            "keyedpool kafka consumer: commit of revoked partitions failed after %d "
+            "attempt(s): %s. Their next owner handles the messages finished since the "
+            "last commit again.",
+            attempt,
+            error,
+        )
 
     def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
         # Served by consume() on the polling thread. A failed commit is sent again.
@@ -658,7 +765,9 @@ class KafkaConsumer(_ConsumerBase):
                     consumer.pause(assignment)
                 self._paused = True
                 self._drain(list(self._partitions.values()))
-                self._commit(consumer, synchronous=True)
+                error = self._commit(consumer, synchronous=True)
+                if error is not None:
+                    log.warning("keyedpool kafka consumer: final commit failed: %s", error)
                 # close() revokes what is left (draining and committing it again is
                 # a no-op) and leaves the group, so the others take over at once.
                 consumer.close()
@@ -675,48 +784,73 @@ class KafkaConsumer(_ConsumerBase):
 
     # -- rebalance callbacks (served inside consume(), on the polling thread) -----
 
+    # With incremental (cooperative) rebalancing *partitions* are only those that
+    # move: the rest of the assignment keeps running through the rebalance. With
+    # eager rebalancing they are the whole assignment. Either way the callbacks
+    # act on exactly the partitions they are given, and make the matching
+    # assign/unassign call themselves (confluent-kafka would otherwise make it
+    # after they return).
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._partitions[(tp.topic, tp.partition)] = _PartitionOffsets(tp.topic, tp.partition)
         if self._paused and partitions:
             consumer.pause(partitions)  # still full: do not start fetching them
+        if self._incremental:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
         if self._user_on_assign is not None:
             _call_hook(self._user_on_assign, partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if self._user_on_revoke is not None:
-            _call_hook(self._user_on_revoke, partitions)
-        states = [
-            state
-            for state in (self._partitions.get((tp.topic, tp.partition)) for tp in partitions)
-            if state is not None
-        ]
-        # Finish what was taken from these partitions and commit it, so their
-        # next owner starts right after it: a clean rebalance repeats nothing.
-        # Not for longer than revoke_timeout: this blocks the poll, and a member
-        # that does not poll for max.poll.interval.ms is thrown out of the group.
-        if not self._drain(states, self._revoke_timeout):
-            log.warning(
-                "keyedpool kafka consumer: %d messages of revoked partitions still "
-                "unfinished after revoke_timeout (%s s); committing up to the lowest "
-                "unfinished offset. Their next owner handles them again, possibly "
-                "while they still run here.",
-                sum(state.in_flight for state in states),
-                self._revoke_timeout,
-            )
-        self._commit(consumer, synchronous=True, states=states)
-        for state in states:
-            self._partitions.pop((state.topic, state.partition), None)
-        self._forget_pause(consumer, partitions)
+        try:
+            self._collect()  # so that the hook sees what is still unfinished
+            if self._user_on_revoke is not None:
+                _call_hook(self._user_on_revoke, partitions)
+            states = [
+                state
+                for state in (self._partitions.get((tp.topic, tp.partition)) for tp in partitions)
+                if state is not None
+            ]
+            # Finish what was taken from these partitions and commit it, so their
+            # next owner starts right after it: a clean rebalance repeats nothing.
+            # Not for longer than revoke_timeout: this blocks the poll, and a member
+            # that does not poll for max.poll.interval.ms is thrown out of the group.
+            deadline = time.monotonic() + self._revoke_timeout
+            if not self._drain(states, self._revoke_timeout):
+                log.warning(
+                    "keyedpool kafka consumer: %d messages of revoked partitions still "
+                    "unfinished after revoke_timeout (%s s); committing up to the lowest "
+                    "unfinished offset. Their next owner handles them again, possibly "
+                    "while they still run here.",
+                    sum(state.in_flight for state in states),
+                    self._revoke_timeout,
+                )
+            self._commit_revoked(consumer, states, deadline)
+            for state in states:
+                self._partitions.pop((state.topic, state.partition), None)
+            self._forget_pause(consumer, partitions)
+        finally:
+            self._unassign(consumer, partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The group went on without us (session timeout): committing is no longer
         # allowed. In-flight messages still finish, their new owner handles them again.
-        if self._user_on_revoke is not None:
-            _call_hook(self._user_on_revoke, partitions)
-        for tp in partitions:
-            self._partitions.pop((tp.topic, tp.partition), None)
-        self._forget_pause(consumer, partitions)
+        try:
+            if self._user_on_revoke is not None:
+                _call_hook(self._user_on_revoke, partitions)
+            for tp in partitions:
+                self._partitions.pop((tp.topic, tp.partition), None)
+            self._forget_pause(consumer, partitions)
+        finally:
+            self._unassign(consumer, partitions)
+
+    def _unassign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._incremental:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
 
     def _forget_pause(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # librdkafka remembers that a partition was paused even after it was taken
@@ -834,6 +968,15 @@ def _as_bytes(value: object) -> bytes | None:
 
 def _message_key(message: Message) -> Key | None:
     return message.key()
+
+
+def _is_incremental(config: Mapping[str, Any]) -> bool:
+    """Whether the consumer group rebalances incrementally with this configuration."""
+    if str(config.get("group.protocol", "")).lower() == "consumer":
+        return True  # the KIP-848 protocol is always incremental
+    strategy = str(config.get("partition.assignment.strategy", "")).lower()
+    # librdkafka does not allow mixing cooperative and eager assignors.
+    return "cooperative" in strategy
 
 
 def _check_topics(topics: object) -> list[str]:

@@ -6,16 +6,19 @@ with its JSON config and a ``record(key, seq, redelivered)`` function that the
 handler calls once per handled message. Message values are ``b"<key>:<seq>"``.
 
 Config keys used here: ``url`` (bootstrap servers), ``topic``, ``group``,
-``workers``, ``session_timeout_ms``, ``commit_interval``, and ``assignments``:
+``workers``, ``session_timeout_ms``, ``commit_interval``, ``strategy`` (the
+``partition.assignment.strategy``; default: the consumer's), and ``assignments``:
 a file to which the consumer appends ``<pid> assign|revoke <p1,p2,...>`` on
 every rebalance (``O_APPEND``, one ``write()`` per line), so a test can wait
 until the group has settled (see :func:`owners`; the bench uses it).
 
 :func:`make` also reports on stdout (read by ``_broker_checks.ConsumerProcess``,
 so tests wait on these lines instead of polling): ``assign p1,p2,...`` and
-``revoke p1,...`` on every rebalance, and ``committed p:offset,...`` for every
-successful offset commit (from the consumer's ``on_commit``). See
-:func:`owned_from_lines` and :func:`committed_from_lines`.
+``revoke p1,...`` on every rebalance, each ``revoke`` line followed by
+``in-flight N`` (the messages of those partitions taken and not finished when
+the revoke began), and ``committed p:offset,...`` for every successful offset
+commit (from the consumer's ``on_commit``). See :func:`owned_from_lines`,
+:func:`committed_from_lines` and :func:`in_flight_at_revokes`.
 
 * :func:`make`: :class:`keyedpool.contrib.kafka.KafkaConsumer`.
 * :func:`make_serial`: the baseline for the bench, a plain confluent-kafka
@@ -49,13 +52,16 @@ def _parse(message: Message) -> tuple[str, int]:
 
 def _client_config(config: dict[str, Any]) -> dict[str, Any]:
     session = int(config.get("session_timeout_ms", 3000))
-    return {
+    client = {
         "bootstrap.servers": config["url"],
         "group.id": config["group"],
         "session.timeout.ms": session,
         "heartbeat.interval.ms": max(100, session // 10),
         "log_level": 3,
     }
+    if config.get("strategy"):
+        client["partition.assignment.strategy"] = config["strategy"]
+    return client
 
 
 def make(config: dict[str, Any], record: Record) -> KafkaConsumer:
@@ -76,6 +82,11 @@ def make(config: dict[str, Any], record: Record) -> KafkaConsumer:
         if on_revoke is not None:
             on_revoke(partitions)
         _say("revoke", ",".join(str(tp.partition) for tp in partitions))
+        # Called before the consumer finishes and commits these partitions: what
+        # is unfinished now is what a hand-over may repeat at most. (The
+        # per-partition bookkeeping is private; this is a test helper.)
+        states = [consumer._partitions.get((tp.topic, tp.partition)) for tp in partitions]
+        _say("in-flight", str(sum(state.in_flight for state in states if state is not None)))
 
     def on_commit(error: object, partitions: list[TopicPartition]) -> None:
         if error is None:
@@ -84,7 +95,7 @@ def make(config: dict[str, Any], record: Record) -> KafkaConsumer:
             if done:
                 _say("committed", ",".join(done))
 
-    return KafkaConsumer(
+    consumer = KafkaConsumer(
         config["topic"],
         handle,
         config={**_client_config(config), "on_commit": on_commit},
@@ -94,6 +105,7 @@ def make(config: dict[str, Any], record: Record) -> KafkaConsumer:
         on_assign=assigned,
         on_revoke=revoked,
     )
+    return consumer
 
 
 def _say(what: str, detail: str) -> None:
@@ -106,6 +118,8 @@ def owned_from_lines(lines: list[str]) -> set[int]:
     owned: set[int] = set()
     for line in lines:
         what, _, listed = line.partition(" ")
+        if what not in ("assign", "revoke"):
+            continue
         partitions = {int(p) for p in listed.split(",") if p}
         if what == "assign":
             owned |= partitions
@@ -123,6 +137,11 @@ def committed_from_lines(lines: list[str]) -> dict[int, int]:
                 partition, offset = (int(x) for x in item.split(":"))
                 best[partition] = max(best.get(partition, 0), offset)
     return best
+
+
+def in_flight_at_revokes(lines: list[str]) -> int:
+    """The sum of the ``in-flight N`` lines: messages unfinished when revokes began."""
+    return sum(int(line.split()[1]) for line in lines if line.startswith("in-flight "))
 
 
 Hook = Callable[[list[TopicPartition]], None]

@@ -12,7 +12,9 @@ librdkafka's public mock API (``rdkafka_mock.h``) through :mod:`ctypes`, found i
 the library that ``confluent_kafka.cimpl`` links against. That lets it create
 topics with a chosen number of partitions and shorten the initial group
 rebalance delay. If those symbols are missing, it falls back to
-``test.mock.num.brokers`` (topics are then auto-created with 4 partitions).
+:class:`keyedpool.contrib.kafka_mock.MockCluster` (the helper users run as
+``python -m keyedpool.contrib.kafka_mock``), which starts the cluster with
+``test.mock.num.brokers``: topics then get 4 partitions.
 
 Protocol on stdin/stdout, one line each::
 
@@ -105,14 +107,10 @@ class MockCluster:
         self.bootstrap = lib.rd_kafka_mock_cluster_bootstraps(cluster).decode()
 
     def _start_fallback(self, brokers: int) -> None:
-        from confluent_kafka import Producer
+        from keyedpool.contrib.kafka_mock import MockCluster as PublicMockCluster
 
-        producer = Producer(
-            {"bootstrap.servers": "mock", "test.mock.num.brokers": brokers, "log_level": 3}
-        )
-        metadata = producer.list_topics(timeout=10)
-        self._keep = producer
-        self.bootstrap = ",".join(f"{b.host}:{b.port}" for b in metadata.brokers.values())
+        self._keep = PublicMockCluster(brokers)
+        self.bootstrap = self._keep.bootstrap_servers
 
     def create_topic(self, name: str, partitions: int) -> None:
         """Create *name* with *partitions* partitions (fallback: auto-created with 4)."""
@@ -121,7 +119,7 @@ class MockCluster:
             if err:
                 raise RuntimeError(f"rd_kafka_mock_topic_create({name!r}) failed: error {err}")
         else:
-            self._keep.list_topics(name, timeout=10)
+            self._keep.create_topic(name)
 
 
 def main() -> None:
