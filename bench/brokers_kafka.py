@@ -4,8 +4,8 @@ Run as ``python -m bench.brokers_kafka [--messages N] [--cost-ms MS] [--quick]``
 prints a Markdown table. With ``--rebalance`` it measures something else: how
 many messages a kill-and-replace repeats (see "Rebalance" below).
 
-The Kafka cluster is librdkafka's built-in mock cluster (no Kafka broker
-package is available here): it speaks the real Kafka protocol on 127.0.0.1, in
+The Kafka cluster is librdkafka's built-in mock cluster (no Kafka broker to
+install): it speaks the real Kafka protocol on 127.0.0.1, in
 a process of its own (``tests/contrib/brokers/kafka_mock_cluster.py``), so
 these are real network round trips, but broker-side costs (disk, replication)
 are not those of a real cluster. Compare the rows with each other, not with
