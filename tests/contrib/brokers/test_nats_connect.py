@@ -9,7 +9,6 @@ try, and ``NatsPublisher`` give up with an empty ``TimeoutError()`` after its
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import threading
@@ -23,6 +22,7 @@ pytest.importorskip("nats", reason="nats-py is not installed (pip install keyedp
 
 import nats.errors  # noqa: E402
 from _broker_checks import WAIT, Server  # noqa: E402
+from _proxy import TcpProxy  # noqa: E402
 from _util import wait_until  # noqa: E402
 
 from keyedpool.contrib.nats import NatsConsumer, NatsMessage, NatsPublisher  # noqa: E402
@@ -125,62 +125,6 @@ def test_an_error_callback_of_ones_own_still_hears_every_failed_try(
     assert len(heard) == 2, heard  # the one server, tried twice
 
 
-class _Outage:
-    """A TCP proxy on 127.0.0.1 to a real server that can be taken down (refusing) and back up."""
-
-    def __init__(self, target: int) -> None:
-        self._target = target
-        self.port = _free_port()
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-        self.up()
-
-    def up(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
-
-    def down(self) -> None:
-        """Close every connection and stop listening: connecting is refused until up()."""
-        if self._listener is not None:
-            # shutdown() wakes the accept() blocked on it; close() alone would
-            # not, and the port would go on accepting.
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            self._listener = None
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return  # closed by down()
-            server = socket.create_connection(("127.0.0.1", self._target))
-            with self._lock:
-                self._sockets += [client, server]
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
 def test_a_running_consumer_outlasts_an_outage_longer_than_the_first_connect_tries(
     nats_server: Server,
 ) -> None:
@@ -188,7 +132,7 @@ def test_a_running_consumer_outlasts_an_outage_longer_than_the_first_connect_tri
     # max_reconnect_attempts (60 here, the default) must apply again, or the
     # consumer would give up on the third refused try of this outage.
     stream = f"ORDERS_{uuid.uuid4().hex[:8]}"
-    proxy = _Outage(nats_server.port)
+    proxy = TcpProxy(nats_server.port)
     failed_tries: list[Exception] = []
     handled: list[bytes] = []
     got = threading.Event()

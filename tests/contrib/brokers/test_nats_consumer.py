@@ -15,9 +15,7 @@ shared ``O_APPEND`` file, which ``check_log`` checks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -44,6 +42,7 @@ from _broker_checks import (  # noqa: E402
     sigkill_one_the_other_takes_over,
     sigkill_process_1_mid_stream,
 )
+from _proxy import TcpProxy  # noqa: E402
 from _util import wait_until  # noqa: E402
 
 from keyedpool.contrib.nats import (  # noqa: E402
@@ -451,67 +450,6 @@ def test_a_message_whose_key_cannot_be_read_is_dead_lettered(
     assert _unacked(nats_server, stream) == 0
 
 
-class _CuttableProxy:
-    """A TCP proxy on 127.0.0.1 in front of the server, to lose messages on the wire.
-
-    :meth:`blackhole` makes it drop everything the server sends (the client's
-    requests still reach the server); :meth:`cut` closes every connection and
-    forwards normally again, so the client reconnects through it. A real
-    nats-server is behind it; only the network between is made to fail.
-    """
-
-    def __init__(self, port: int) -> None:
-        self._target = port
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._dropping = threading.Event()
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            server = socket.create_connection(("127.0.0.1", self._target))
-            with self._lock:
-                self._sockets += [client, server]
-            for src, dst, from_server in ((client, server, False), (server, client, True)):
-                threading.Thread(
-                    target=self._pump, args=(src, dst, from_server), daemon=True
-                ).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, from_server: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if not (from_server and self._dropping.is_set()):
-                    dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def blackhole(self) -> None:
-        self._dropping.set()
-
-    def cut(self) -> None:
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        self._dropping.clear()
-
-    def close(self) -> None:
-        self._listener.close()
-        self.cut()
-
-
 def _delivered(server: Server, stream: str) -> int:
     """The stream sequence the (only) shard consumer has delivered up to."""
 
@@ -532,7 +470,7 @@ def test_messages_lost_with_the_connection_come_back_before_newer_ones(
 ) -> None:
     # Without the rebind after a reconnect, JetStream would send 20..29 again
     # only after ack_wait, after 30..39: an order violation.
-    proxy = _CuttableProxy(nats_server.port)
+    proxy = TcpProxy(nats_server.port)
     seen: list[int] = []
     changed = threading.Condition()
 
