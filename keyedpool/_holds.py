@@ -78,7 +78,6 @@ class Holds:
         self.ties = count()
         #: Tasks parked now (the heap less the DONE ones).
         self.parked = 0
-
         #: Tasks with retries on a worker now (they come back to us, see Pool.hand_back).
         self.out: set[Task] = set()
         #: None while the pool is open; then how it closes (see ``close``).
