@@ -6,8 +6,10 @@ the ``Pool``, never the executor, so an executor that is dropped without
 
 Who owns what (every piece of shared state has one owner):
 
-* ``lock``: the inbox, the pool's counters (accepted, rejected), ``closed``,
-  ``halt``, the submits waiting for room, and the threads: the dispatcher, which
+* ``lock``: the inbox, the tasks handed back to the dispatcher (``returns``),
+  the pool's counters (accepted, rejected), ``closed``, ``closing``, ``halt``,
+  the submits waiting for room, each key's latest ``replace=True`` task
+  (``latest``), what the dispatcher holds (for stats()), and the threads: the dispatcher, which
   workers have started, and the list that ``join()`` waits for. Submit, the
   dispatcher and the workers each hold it for a few lines at a time, never
   while running a task. Threads start under it (a submit starts one for
