@@ -197,6 +197,8 @@ class ShardLeases:
         self._valid_until = 0.0
         self._readable: frozenset[int] = frozenset()
         self._leaving = False
+        #: Whether a heartbeat ever got through (so this consumer may be in the members).
+        self._joined = False
         #: Shards acquired and not yet taken over by the adapter.
         self.gained: set[int] = set()
 
@@ -266,6 +268,7 @@ class ShardLeases:
             if self._held and self._clock() >= self._valid_until:
                 self._lose(self._held, "could not renew its leases in time")
             return
+        self._joined = True
         # The broker set the new expiry after `started`: we give up no later than it.
         self._valid_until = started + self._ttl
         self._next_beat = started + self._ttl / 3
@@ -290,6 +293,8 @@ class ShardLeases:
                 self.gained.add(shard)
 
     def _leave_members(self) -> None:
+        if not self._joined:
+            return  # never in the members (no heartbeat got through): nothing to leave
         try:
             self._store.leave(self.token)
         except Exception:

@@ -463,3 +463,18 @@ def test_without_a_clock_it_uses_time_monotonic() -> None:
 @pytest.fixture(autouse=True)
 def _warnings_are_captured(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="keyedpool.contrib")
+
+
+def test_a_member_that_never_joined_does_not_try_to_leave(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A consumer whose start failed (the broker unreachable) stops without a
+    # heartbeat ever getting through: leaving would only fail again, with a
+    # second traceback after the error that start() already raised.
+    group = Group()
+    a = group.member("a")
+    a.link.cut()
+    with caplog.at_level(logging.WARNING, logger="keyedpool.contrib"):
+        a.leases.leave(a.busy.__contains__)
+    assert [name for _, name in a.link.calls] == []
+    assert not caplog.records
