@@ -112,11 +112,22 @@ from ._consumer import (
 __all__ = [
     "ConsumerStats",
     "DeadLetter",
+    "KafkaConnectError",
     "KafkaConsumer",
     "RetryPolicy",
 ]
 
 log = logging.getLogger("keyedpool.contrib.kafka")
+
+
+class KafkaConnectError(KafkaException):
+    """:meth:`KafkaConsumer.start` could not reach the brokers; the message names them.
+
+    A ``confluent_kafka.KafkaException``, as the client's own errors are.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else super().__str__()
 
 
 # The consumer stores and commits offsets itself, only after the handler succeeded.
@@ -524,6 +535,7 @@ class KafkaConsumer(_ConsumerBase):
     def _open_consumer(self) -> Consumer:
         consumer = Consumer(self._config)
         try:
+            self._check_brokers(consumer)
             self._check_dead_letter_topics(consumer)
             consumer.subscribe(
                 self._topics,
@@ -535,6 +547,22 @@ class KafkaConsumer(_ConsumerBase):
             consumer.close()
             raise
         return consumer
+
+    def _check_brokers(self, consumer: Consumer) -> None:
+        # One metadata request, so that a wrong address fails here, at start(),
+        # with the address in the message (librdkafka would otherwise retry it
+        # in the background for ever).
+        try:
+            consumer.list_topics(timeout=max(10.0, self._poll_timeout))
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            reason = error.str() if isinstance(error, KafkaError) else str(exc)
+            raise KafkaConnectError(
+                "keyedpool: could not get metadata from the Kafka brokers at "
+                f"{self._config.get('bootstrap.servers')!r} ({reason}). Check that a broker "
+                "is running at that address and port and can be reached from this host, and "
+                "the security settings (security.protocol, sasl.*, ssl.*)."
+            ) from exc
 
     def _check_dead_letter_topics(self, consumer: Consumer) -> None:
         if self._dead_topic is None:

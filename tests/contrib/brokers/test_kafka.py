@@ -68,6 +68,7 @@ from keyedpool import KeyedPoolExecutor  # noqa: E402
 from keyedpool.contrib import kafka as kafka_module  # noqa: E402
 from keyedpool.contrib.kafka import (  # noqa: E402
     DeadLetter,
+    KafkaConnectError,
     KafkaConsumer,
     RetryPolicy,
     _PartitionOffsets,
@@ -934,6 +935,27 @@ def test_bad_config_and_a_missing_dead_letter_topic_raise_at_start(kafka: MockKa
         topic, handle, config=consumer_config(kafka, "no-dead"), dead_letter=None
     ).start()
     assert fine.stop(WAIT) and fine.error is None
+
+
+def test_start_fails_with_the_address_when_no_broker_answers() -> None:
+    # A port where nothing listens: start() raises one error that names the
+    # brokers, instead of librdkafka retrying them in the background for ever
+    # (with dead_letter=None there was no request at start at all).
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    servers = f"127.0.0.1:{port}"
+    consumer = KafkaConsumer(
+        "orders", lambda message: None,
+        config={"bootstrap.servers": servers, "group.id": "nowhere"}, dead_letter=None,
+    )
+    with pytest.raises(KafkaConnectError, match=f"brokers at '{servers}'") as raised:
+        consumer.start()
+    assert isinstance(raised.value, KafkaException)  # what confluent-kafka raises itself
+    assert consumer.error is raised.value
+    assert consumer.stop() is False  # never ran
 
 
 def test_an_error_that_stops_the_consumer_is_raised_by_stop(
