@@ -70,18 +70,22 @@ def dispatch(pool: Pool) -> None:
             due += TIMER_SLACK
             if timeout is None or due < timeout:
                 timeout = due
-        tasks, returns, closed, closing_now = pool.take_inbox(timeout, holds.busy(), closing)
+        tasks, planned, returns, closed, closing_now = pool.take_inbox(
+            timeout, holds.busy(), closing
+        )
         try:
             if affinity is not None:
                 # First, so that tasks taken back go before newer ones of their key.
                 affinity.rescue()
-            ready: list[Task] = []
-            if holds.busy() or returns:
+            if not (planned or returns or holds.busy()):
+                ready = tasks  # the common case: nothing held, nothing planned
+            else:
+                ready = []
                 # Tasks handed back, then tasks whose time has come, let go
                 # of their keys before newer tasks of those keys are sorted.
                 holds.back(returns, ready)
                 holds.due(ready)
-            holds.sort(tasks, ready)
+                holds.sort(tasks, ready)
             if closing_now is not None and closing_now != closing:
                 closing = closing_now
                 ended = holds.close(closing, ready)

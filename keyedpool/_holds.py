@@ -169,8 +169,7 @@ class Holds:
                 plan.parked = False
             if cancelled:
                 # Cancelled while parked, and not handed back yet: it ends here.
-                self._drop(task)
-                self._let_go(task.key, ready)
+                self._end_here(task, ready)
             elif plan.retry is not None:
                 plan.state = OUT  # its key stays held until it is resolved
                 self.out.add(task)
@@ -193,38 +192,26 @@ class Holds:
                     plan.parked = False
                 if cancelled:
                     self.parked -= 1
-                    self._drop(task)
-                    self._let_go(task.key, ready)
+                    self._end_here(task, ready)
                     self._compact()
                 else:  # pragma: no cover - cancel() only hands back what it cancelled
                     with task:
                         plan.parked = True
             elif state == OUT:
+                self.out.discard(task)
                 with task:
-                    cancelled = task.done()
                     handed_back = plan.parked
+                    plan.parked = False
                 if not handed_back:
                     # Its worker resolved it (or skipped it, cancelled): the
                     # worker counted its end.
-                    self.out.discard(task)
                     plan.state = DONE
                     self._let_go(task.key, ready)
-                elif cancelled:
-                    # Handed back for a retry, then cancelled: it ends here.
-                    self.out.discard(task)
-                    with task:
-                        plan.parked = False
-                    self._drop(task)
-                    self._let_go(task.key, ready)
-                else:
-                    # Handed back for a retry: park it until its backoff has
-                    # passed (if the pool is closing, _park cancels it).
-                    self.out.discard(task)
-                    with task:
-                        plan.parked = False
-                    if not self._park(task):
-                        self._drop(task)
-                        self._let_go(task.key, ready)
+                elif not self._park(task):
+                    # Handed back for a retry, then cancelled (or the pool is
+                    # closing, and _park cancelled it): it ends here.
+                    self._end_here(task, ready)
+                # Else parked until its backoff has passed.
             # NEW or DONE: cancelled in the inbox or behind its holder (a
             # worker skips it), or told twice: nothing to do.
 
@@ -283,6 +270,11 @@ class Holds:
                 # It holds the key again: the rest wait behind it.
                 self.held[key].extend(waiting)
                 return
+
+    def _end_here(self, task: Task, ready: list[Task]) -> None:
+        # A cancelled task that held its key ends here; the key goes on.
+        self._drop(task)
+        self._let_go(task.key, ready)
 
     def _drop(self, task: Task) -> None:
         # A cancelled task that no worker will see: it ends here, counted as cancelled.

@@ -230,6 +230,10 @@ class Pool:
         #: Unkeyed tasks in the inbox (so a submit knows whether the idle
         #: workers are already spoken for).
         self.unkeyed_in_inbox = 0
+        #: Tasks with a plan (submit_with's delay, retry, replace) in the inbox:
+        #: while there are none and nothing is held, the dispatcher routes a
+        #: batch as it is, without looking at each task's plan.
+        self.planned_in_inbox = 0
         # -- owner: unkeyed_lock -------------------------------------------------
         self.unkeyed_lock = threading.Lock()
         self.unkeyed: deque[Task] = deque()
@@ -353,6 +357,10 @@ class Pool:
             self.unkeyed_in_inbox += 1
         plan = task.plan
         replaced = None
+        if plan is not None:
+            # Counted before the task is accepted, as unkeyed_in_inbox is: a
+            # count one too high only sends a batch down the slower path.
+            self.planned_in_inbox += 1
         if plan is not None and plan.replace:
             # Before the task is accepted, so that it is in ``latest`` by the
             # time anything can end it (its done-callback forgets it).
@@ -532,15 +540,16 @@ class Pool:
 
     def take_inbox(
         self, timeout: float | None = None, busy: bool = False, closing: str | None = None
-    ) -> tuple[list[Task], list[Task], bool, str | None]:
+    ) -> tuple[list[Task], bool, list[Task], bool, str | None]:
         """Wait for accepted or handed-back tasks and take them all; say whether to stop.
 
         With a *timeout*, the lists are empty if nothing came within it.
         *busy*: the dispatcher still holds tasks (see ``_holds``), so it waits
         for them even once the pool is closed. *closing*: how the dispatcher
         last saw the pool closing; a change wakes it too. Returns the tasks,
-        the tasks handed back, whether the pool is closed (then nothing new
-        comes after these), and how it closes.
+        whether any of them has a plan (``submit_with``'s delay, retry or
+        replace), the tasks handed back, whether the pool is closed (then
+        nothing new comes after these), and how it closes.
         """
         with self.lock:
             while (
@@ -559,8 +568,9 @@ class Pool:
             self.accepted += len(tasks)
             self.routing = len(tasks)
             self.unkeyed_in_inbox = 0
+            planned, self.planned_in_inbox = self.planned_in_inbox > 0, 0
             # Submit refuses new tasks once closed: nothing can come after these.
-            return tasks, returns, self.closed, self.closing
+            return tasks, planned, returns, self.closed, self.closing
 
     def hand_back(self, task: Task, retry_at: float = 0.0) -> None:
         """Give the dispatcher back a task it holds the key of (see ``_holds``).

@@ -457,7 +457,7 @@ class KeyedHandling(Generic[M]):
                         self._retry.attempts,
                         exc_info=True,
                     )
-                    self._failing_now(key, True)
+                    self._mark_failing(key)
                     raise _Again from None
             else:
                 self._settle(item, handled=True)
@@ -471,17 +471,16 @@ class KeyedHandling(Generic[M]):
                 "keyedpool: could not dead-letter a message of key %r; trying again later",
                 key,
             )
-            self._failing_now(key, True)
+            self._mark_failing(key)
             raise _Again from None
         self._settle(item, handled=False)
 
-    def _failing_now(self, key: Key | None, failing: bool) -> None:
+    def _mark_failing(self, key: Key | None) -> None:
+        # For stats().parked: the key's later messages wait behind this one
+        # (_let_go clears the mark once a message of the key is settled).
         if key is not None:
             with self._lock:
-                if failing:
-                    self._failing.add(key)
-                else:
-                    self._failing.discard(key)
+                self._failing.add(key)
 
     def _ended(self, item: _Item[M], future: Future[None]) -> None:
         # The message's task is done. Settled, normally; else it was cancelled
