@@ -472,6 +472,9 @@ class Task(Future, RLock):  # type: ignore[type-arg,misc]
         """
         retry = plan.retry
         assert retry is not None
+        # pool.halt is read without the pool's lock, as Worker.run reads it: it
+        # only ever goes from None to a value, and a retry decided just as it
+        # changes is cancelled by the dispatcher when it would park the task.
         if (
             plan.failures + 1 >= retry.attempts
             or not retry.retries(exc)
