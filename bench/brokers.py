@@ -230,7 +230,7 @@ def _serial_nats(config: dict[str, Any], meter: _Meter) -> None:
 def _run(
     broker: str, mode: str, processes: int, port: int, args: argparse.Namespace
 ) -> float:
-    from keyedpool.contrib._consumer import shard_of
+    from keyedpool.contrib.consumer import shard_of
 
     stream = f"BENCH_{uuid.uuid4().hex[:8]}"
     keys = _keys(args.keys)

@@ -33,7 +33,7 @@ from keyedpool import (
     PoolFull,
     key_bytes,
 )
-from keyedpool.contrib._consumer import shard_of  # (no broker client needed)
+from keyedpool.contrib.consumer import shard_of  # (no broker client needed)
 
 # -- 1. keys ---------------------------------------------------------------------
 

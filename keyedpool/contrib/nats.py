@@ -1,68 +1,25 @@
 """Consume NATS JetStream on a keyed pool: in order per key, acked after success, scaled out.
 
-Install with ``pip install keyedpool[nats]`` (nats-py; nats-server 2.9 or newer with ``-js``).
+``pip install keyedpool[nats]`` (nats-py; nats-server 2.9+ with ``-js``). What every
+consumer guarantees is in :mod:`keyedpool.contrib.consumer`; here, what NATS adds (an
+example: docs/consumers.md). One asyncio loop in a background thread does all NATS
+I/O; the handler stays a plain blocking function.
 
-nats-py is asyncio-only; this module keeps your handler a **plain blocking
-function**. It runs one asyncio event loop in a background thread for all NATS
-I/O (connect, fetch, ack), hands each message to a
-:class:`~keyedpool.KeyedPoolExecutor`, and acks from the workers through
-``asyncio.run_coroutine_threadsafe``. Workers never wait for the loop, except
-to write a dead letter.
-
-**Scale-out: a subject per shard, a durable pull consumer per shard.** A message
-with key ``k`` is published to ``f"{subject}.{shard_of(k, shards)}"`` (mmh3 of
-the key, seed 0, as keyedpool routes) with the key in the ``Keyedpool-Key``
-header; :func:`publish` and :class:`NatsPublisher` do that. The stream captures
-``f"{subject}.*"``. Shard ``i`` has its own durable pull consumer
-``f"{durable}-{i}"`` filtered on its subject. Exactly one process at a time
-reads each shard: the processes share the shards through leases in a JetStream
-key-value bucket (see ``keyedpool/contrib/_shards.py``), so processes can come
-and go and the survivors take over a dead one's shards. One key lives in one
-shard, so one process gets all of a key's messages, in stream order.
-
->>> from keyedpool.contrib.nats import NatsConsumer, NatsPublisher
->>> with NatsPublisher("nats://127.0.0.1:4222", "ORDERS", shards=8) as pub:  # doctest: +SKIP
-...     pub.publish("order-123", b'{"event": "charged"}')
->>> def handle(message):            # a plain blocking function
-...     print(message.key, message.data)
->>> consumer = NatsConsumer("nats://127.0.0.1:4222", "ORDERS", handle, shards=8)  # doctest: +SKIP
->>> consumer.run()   # until consumer.stop() (e.g. from a SIGTERM handler)  # doctest: +SKIP
-
-Guarantees and their limits:
-
-* **Ack after success**; a message whose retries ran out is published to the
-  dead-letter subject ``f"{subject}.dead"`` (stored in the same stream, with
-  ``Keyedpool-Error`` and ``Keyedpool-Source-Seq`` headers) and then
-  terminated (``AckTerm``), so JetStream never delivers it again.
-* **At least once.** When a process takes a shard over and finds its shard
-  consumer with unacked messages (the owner died), it recreates that consumer from the
-  ack floor (the last message below which everything was acked), so the
-  unacked messages come again **before** any newer one, in stream order.
-  Messages above the floor that were already acked are handled again; all of
-  them reach the handler with ``redelivered=True`` and are counted in
-  ``stats().redelivered``. While a message is in flight, the consumer tells
-  JetStream it is still working on it (``+WPI``), so ``ack_wait`` never expires
-  under it; a redelivered copy of a message still in flight is dropped and
-  counted in ``stats().duplicates``.
-* **Errors.** ``start()`` sets up the client in the calling thread, so a
-  bad address raises there, within seconds: :class:`NatsConnectError` (a
-  ``nats.errors.NoServersError``) naming the addresses tried, once each
-  server was tried twice. An error that later stops the consumer's thread
-  is kept in ``consumer.error`` and raised again by ``stop()``. A message whose
-  key cannot be read is dead-lettered with that error. The consumer's thread
-  is not a daemon; it is stopped gracefully when the interpreter exits.
-* **Handover.** When a process joins, the shards that move to it are drained
-  first: their old owner stops fetching from them, settles what it fetched,
-  then releases the lease. A dead process's leases expire after ``lease_ttl``.
-* **Pinned shards** (``process_index`` and ``process_count`` given): no
-  leases; run exactly one live process per index (a supervisor restarts it).
-  ``shards`` must be the same for publishers and consumers.
-* **Reconnects.** nats-py reconnects on its own. A fetch's messages that were
-  on the wire when the connection dropped would come again only after
-  ``ack_wait``, after newer ones; so after a reconnect each shard stops
-  fetching, drains, and is bound afresh from its ack floor: the lost messages
-  come first, in order (messages handled meanwhile whose acks had not arrived
-  are recognised and dropped as duplicates).
+* **A subject per shard.** Key ``k`` goes to ``f"{subject}.{shard_of(k, shards)}"``,
+  with the key in the ``Keyedpool-Key`` header (:func:`publish`, :class:`NatsPublisher`);
+  shard ``i`` has the durable pull consumer ``f"{durable}-{i}"``. The processes share
+  the shards through leases in the key-value bucket ``f"KP_{durable}"`` (not NATS
+  2.11's ``pinned_client``: the docs say why); pinned shards: one live process per index.
+* **Takeover from the ack floor.** A shard consumer found with unacked messages (its
+  reader died) is recreated from its ack floor: they come again first, in stream order.
+  So is each shard after a reconnect, once drained: messages lost on the wire would
+  otherwise come back only after ``ack_wait``, after newer ones.
+* **+WPI** keeps ``ack_wait`` from expiring under a message in flight; a copy of a
+  message held or just settled is dropped (``stats().duplicates``).
+* **Dead letters** go to ``f"{subject}.dead"`` (same stream) with ``Keyedpool-Error``,
+  ``Keyedpool-Source-Subject`` and ``Keyedpool-Source-Seq`` headers, then ``AckTerm``.
+* **Fail-fast connect.** ``start()`` and :class:`NatsPublisher` try each server twice,
+  then raise :class:`NatsConnectError` naming the addresses.
 """
 
 from __future__ import annotations
@@ -76,7 +33,6 @@ import os
 import re
 import socket
 import threading
-from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from time import monotonic
@@ -92,44 +48,24 @@ import nats.js.errors
 from nats.aio.client import DEFAULT_MAX_RECONNECT_ATTEMPTS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from keyedpool import Key, KeyedPoolExecutor
+from keyedpool import Key
 
-from ._consumer import (
-    ConsumerStats,
-    DeadLetter,
-    KeyedHandling,
-    RetryPolicy,
-    _ConsumerBase,
-    check_handler,
-    check_pool,
-    check_positive,
-    check_seconds,
-    check_sharding,
-    read_key,
-    shard_of,
-)
-from ._shards import ShardLeases, new_token
+from .consumer import ConsumerOptions, ConsumerStats, DeadLetter, RetryPolicy, ShardedConsumer
+from .consumer._handling import shard_of
+from .consumer._options import check_positive, check_seconds
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
     from nats.js.kv import KeyValue
-    from typing_extensions import Self  # noqa: UP035 - typing.Self is 3.11+
+    from typing_extensions import Self, Unpack  # noqa: UP035 - typing.Self is 3.11+
 
-__all__ = [
-    "KEY_HEADER",
-    "ConsumerStats",
-    "DeadLetter",
-    "NatsConnectError",
-    "NatsConsumer",
-    "NatsMessage",
-    "NatsPublisher",
-    "RetryPolicy",
-    "publish",
-    "shard_of",
-    "shard_subject",
-]
+    from .consumer import ShardedConsumerArgs
+
+__all__ = ["KEY_HEADER", "ConsumerOptions", "ConsumerStats", "DeadLetter", "NatsConnectError",
+           "NatsConsumer", "NatsMessage", "NatsPublisher", "RetryPolicy", "publish", "shard_of",
+           "shard_subject"]
 
 log = logging.getLogger("keyedpool.contrib.nats")
 # Where nats-py logs the errors it reports when no error_cb is given.
@@ -146,60 +82,37 @@ def shard_subject(subject: str, shard: int) -> str:
     return f"{subject}.{shard}"
 
 
-def _key_text(key: Key) -> str:
-    if isinstance(key, bytes):
-        return key.decode()
-    return str(key)
-
-
-async def publish(
-    js: JetStreamContext,
-    subject: str,
-    key: Key,
-    data: bytes,
-    *,
-    shards: int,
-    headers: Mapping[str, str] | None = None,
-) -> Any:
+async def publish(js: JetStreamContext, subject: str, key: Key, data: bytes, *, shards: int,
+                  headers: Mapping[str, str] | None = None) -> Any:
     """Publish *data* to the shard subject of *key* (async); return JetStream's PubAck.
 
     The key goes in the ``Keyedpool-Key`` header (``bytes`` keys must be UTF-8).
     """
     if not isinstance(data, bytes):
         raise TypeError(f"data must be bytes, not {type(data).__name__}")
-    all_headers = dict(headers or {})
-    all_headers[KEY_HEADER] = _key_text(key)
-    return await js.publish(
-        shard_subject(subject, shard_of(key, shards)), data, headers=all_headers
-    )
+    text = key.decode() if isinstance(key, bytes) else str(key)
+    return await js.publish(shard_subject(subject, shard_of(key, shards)), data,
+                            headers={**(headers or {}), KEY_HEADER: text})
 
 
 class NatsConnectError(nats.errors.NoServersError):
-    """No NATS server could be reached when connecting; the message names the addresses tried.
-
-    A ``nats.errors.NoServersError``, which is what nats-py raises itself.
-    """
+    """No NATS server could be reached (names the addresses); a ``nats.errors.NoServersError``."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else super().__str__()
 
 
-# The most times the first connect tries each server, as nats-py's
-# max_reconnect_attempts: it bounds the first connect as well as reconnects,
-# and its default (60 tries, reconnect_time_wait = 2 s apart) makes a wrong
-# address take two minutes to fail. 1 is the fewest it takes (0 means no
-# limit): each server is tried twice.
+# nats-py's max_reconnect_attempts bounds the first connect too, and its default
+# (60 tries, 2 s apart) makes a wrong address take two minutes to fail. The first
+# connect uses 1, the fewest (0 means no limit): each server is tried twice.
 _FIRST_CONNECT_ATTEMPTS = 1
 
 
 async def _connect_nats(servers: str | list[str], options: Mapping[str, Any]) -> Client:
-    """``nats.connect(servers, **options)``, failing within seconds if no server can be reached.
+    """``nats.connect(servers, **options)``; NatsConnectError once each server was tried twice.
 
-    Raises :class:`NatsConnectError` once each server was tried twice. After
-    that first connect, the ``max_reconnect_attempts`` asked for (or nats-py's
-    default) applies again, so a running client reconnects as long as before.
-    The failed tries of the first connect are logged at debug level, not with
-    a traceback each; an ``error_cb`` in *options* still hears all of them.
+    Then the ``max_reconnect_attempts`` asked for applies. Failed tries are logged at
+    debug level, not with a traceback each; an ``error_cb`` in *options* hears them all.
     """
     options = dict(options)
     reconnect_attempts = options.get("max_reconnect_attempts", DEFAULT_MAX_RECONNECT_ATTEMPTS)
@@ -217,46 +130,36 @@ async def _connect_nats(servers: str | list[str], options: Mapping[str, Any]) ->
         elif connected:
             nats_log.error("nats: encountered error", exc_info=error)  # as nats-py does
 
-    options["error_cb"] = on_error
-    options["max_reconnect_attempts"] = _FIRST_CONNECT_ATTEMPTS
+    options.update(error_cb=on_error, max_reconnect_attempts=_FIRST_CONNECT_ATTEMPTS)
     try:
         nc = await nats.connect(servers, **options)
     # (asyncio.TimeoutError is not the builtin TimeoutError on 3.10.)
     except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:  # noqa: UP041
         cause = last_error or exc
-        raise _cannot_connect(servers, _reason(cause)) from cause
-    # nats-py reads its options at each reconnect, so this is what they use.
-    nc.options["max_reconnect_attempts"] = reconnect_attempts
+        raise _cannot_connect(servers, cause) from cause
+    nc.options["max_reconnect_attempts"] = reconnect_attempts  # read at each reconnect
     connected = True
     return nc
 
 
-def _addresses(servers: str | Sequence[str]) -> str:
-    # The URLs nats-py tries (its default scheme and port filled in), without
-    # the user name and password some of them carry.
+def _cannot_connect(servers: str | Sequence[str], why: BaseException | str) -> NatsConnectError:
+    if isinstance(why, ConnectionRefusedError):
+        why = "connection refused"
+    elif isinstance(why, asyncio.TimeoutError) and not str(why):  # noqa: UP041 - 3.10
+        why = "no answer within connect_timeout"
+    elif isinstance(why, BaseException):
+        why = str(why) or type(why).__name__
+    # The URLs nats-py tries (its default scheme and port filled in), without the
+    # user name and password some of them carry.
     shown = []
     for url in [servers] if isinstance(servers, str) else servers:
         scheme, sep, rest = url.rpartition("://")
-        if not sep:
-            scheme = "nats"
         netloc = rest.split("/", 1)[0].rpartition("@")[2]
         if scheme not in ("ws", "wss") and not re.search(r":\d+$", netloc):
             netloc += ":4222"
-        shown.append(f"{scheme}://{netloc}")
-    return ", ".join(shown)
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(error, asyncio.TimeoutError) and not str(error):  # noqa: UP041 - 3.10
-        return "no answer within connect_timeout"
-    return str(error) or type(error).__name__
-
-
-def _cannot_connect(servers: str | Sequence[str], reason: str) -> NatsConnectError:
+        shown.append(f"{scheme if sep else 'nats'}://{netloc}")
     return NatsConnectError(
-        f"keyedpool: could not connect to NATS at {_addresses(servers)} ({reason}). "
+        f"keyedpool: could not connect to NATS at {', '.join(shown)} ({why}). "
         "Check that a NATS server is running at that address and port and can be "
         "reached from this host, and that the URL's scheme (nats://, tls://, ws://) "
         "and credentials are right."
@@ -264,23 +167,19 @@ def _cannot_connect(servers: str | Sequence[str], reason: str) -> NatsConnectErr
 
 
 class _Loop:
-    """An asyncio event loop running in a daemon thread, for blocking callers.
-
-    A daemon: its owner closes it (the consumer's thread, which is not a daemon
-    and is stopped at interpreter exit, does so when it stops).
-    """
+    """An asyncio event loop in a daemon thread, for blocking callers (its owner closes it)."""
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError:  # closed (a handler that outlived a stop's timeout acks)
+            coro.close()
+            raise
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         future = self.submit(coro)
@@ -291,11 +190,10 @@ class _Loop:
             raise
 
     def close(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+            self.loop.close()
 
 
 async def _ensure_stream(js: JetStreamContext, stream: str, subject: str) -> None:
@@ -309,45 +207,38 @@ async def _ensure_stream(js: JetStreamContext, stream: str, subject: str) -> Non
 
 
 class _NatsLeases:
-    """Members and shard leases in a JetStream key-value bucket (see ``_shards.py``).
+    """Members and shard leases (a ``LeaseStore``) in a JetStream key-value bucket.
 
-    The bucket (``f"KP_{durable}"``, one per stream and durable) keeps one
-    revision per key and expires entries ``lease_ttl`` seconds after their
-    last write: ``members.<token>`` is a member's heartbeat, ``lease.<shard>``
-    holds the token of the shard's owner, renewed by an update that names the
-    revision it last wrote (so a lease taken over by another member fails to
-    renew instead of being overwritten).
+    The bucket keeps one revision per key and expires entries ``lease_ttl`` after
+    their last write: ``members.<token>`` is a member's heartbeat, ``lease.<shard>``
+    holds its owner's token, renewed by an update naming the revision it last wrote
+    (so a lease another member took fails to renew instead of being overwritten).
     """
 
     def __init__(self, loop: _Loop, kv: KeyValue, timeout: float) -> None:
-        self._loop = loop
-        self._kv = kv
-        self._timeout = timeout
+        self._loop, self._kv, self._timeout = loop, kv, timeout
+        #: Owner: the consumer's thread (ShardLeases calls the store only from there).
         self._revisions: dict[int, int] = {}
 
-    def heartbeat(
-        self, token: str, ttl: float, held: Sequence[int]
-    ) -> tuple[list[str], list[bool]]:
+    def heartbeat(self, token: str, ttl: float, held: Sequence[int]
+                  ) -> tuple[list[str], list[bool]]:
         return self._loop.call(self._heartbeat(token, held), self._timeout)
 
     async def _heartbeat(self, token: str, held: Sequence[int]) -> tuple[list[str], list[bool]]:
-        kv = self._kv
-        await kv.put(f"members.{token}", b"")
+        await self._kv.put(f"members.{token}", b"")
         mine = []
         for shard in held:
             try:
-                self._revisions[shard] = await kv.update(
-                    f"lease.{shard}", token.encode(), last=self._revisions.get(shard, 0)
-                )
+                self._revisions[shard] = await self._kv.update(
+                    f"lease.{shard}", token.encode(), last=self._revisions.get(shard, 0))
                 mine.append(True)
             except nats.js.errors.KeyWrongLastSequenceError:
                 mine.append(False)
         try:
-            keys = await kv.keys()
+            keys = await self._kv.keys()
         except nats.js.errors.NoKeysError:
             keys = []
-        members = [k[len("members."):] for k in keys if k.startswith("members.")]
-        return members, mine
+        return [k[len("members."):] for k in keys if k.startswith("members.")], mine
 
     def acquire(self, shard: int, token: str, ttl: float) -> bool:
         return self._loop.call(self._acquire(shard, token), self._timeout)
@@ -361,12 +252,12 @@ class _NatsLeases:
 
     def release(self, shard: int, token: str) -> None:
         revision = self._revisions.get(shard)
-        if revision is not None:
-            try:
-                # Only if it is still ours (our last revision).
+        # Only if it is still ours (our last revision): else there is nothing to release.
+        # (Another error leaves the revision here, for ShardLeases to try again.)
+        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError,
+                                 nats.js.errors.BadRequestError):
+            if revision is not None:
                 self._loop.call(self._kv.delete(f"lease.{shard}", last=revision), self._timeout)
-            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
-                pass  # not ours any more (wrong last sequence): nothing to release
         self._revisions.pop(shard, None)
 
     def leave(self, token: str) -> None:
@@ -390,37 +281,24 @@ async def _lease_bucket(js: JetStreamContext, bucket: str, ttl: float) -> KeyVal
 
 
 class NatsPublisher:
-    """Publish keyed messages to a sharded JetStream stream from blocking code.
+    """Publish keyed messages to a sharded JetStream stream from blocking code (or ``with``).
 
-    Creates the stream (capturing ``f"{subject}.*"``) if it does not exist.
-    Each :meth:`publish` waits for JetStream's acknowledgement. Use it as a
-    context manager, or call :meth:`close`. If no server can be reached, it
-    raises :class:`NatsConnectError`, naming the addresses, once each server
-    was tried twice (or after *timeout*).
+    Creates the stream (capturing ``f"{subject}.*"``) if missing; :meth:`publish` waits
+    for JetStream's ack. No server reached: :class:`NatsConnectError` (or after *timeout*).
     """
 
-    def __init__(
-        self,
-        servers: str | list[str],
-        stream: str,
-        *,
-        shards: int,
-        subject: str | None = None,
-        timeout: float = 10.0,
-        connect_options: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, servers: str | list[str], stream: str, *, shards: int,
+                 subject: str | None = None, timeout: float = 10.0,
+                 connect_options: Mapping[str, Any] | None = None) -> None:
         check_positive("shards", shards)
         check_seconds("timeout", timeout)
-        self.stream = stream
-        self.subject = subject or stream
-        self.shards = shards
+        self.stream, self.subject, self.shards = stream, subject or stream, shards
         self._timeout = timeout
         self._loop = _Loop(f"keyedpool-nats-publisher-{stream}")
         try:
             try:
                 self._nc: Client = self._loop.call(
-                    _connect_nats(servers, connect_options or {}), timeout
-                )
+                    _connect_nats(servers, connect_options or {}), timeout)
             except concurrent.futures.TimeoutError:
                 raise _cannot_connect(servers, f"no connection within {timeout} s") from None
             self._js = self._nc.jetstream()
@@ -431,11 +309,8 @@ class NatsPublisher:
 
     def publish(self, key: Key, data: bytes, headers: Mapping[str, str] | None = None) -> int:
         """Publish *data* with *key*; return its stream sequence number."""
-        ack = self._loop.call(
-            publish(self._js, self.subject, key, data, shards=self.shards, headers=headers),
-            self._timeout,
-        )
-        return int(ack.seq)
+        coro = publish(self._js, self.subject, key, data, shards=self.shards, headers=headers)
+        return int(self._loop.call(coro, self._timeout).seq)
 
     def close(self) -> None:
         """Flush and close the connection and the loop thread."""
@@ -455,287 +330,167 @@ class NatsPublisher:
 class NatsMessage:
     """One JetStream message, as the handler gets it."""
 
-    #: Its subject, e.g. ``"ORDERS.3"``.
-    subject: str
-    #: Its payload.
+    subject: str  #: e.g. ``"ORDERS.3"``
     data: bytes
-    #: Its headers (``None`` if it has none).
     headers: Mapping[str, str] | None
-    #: The key it is ordered by (``None``: no order kept for it).
-    key: Key | None
-    #: Its shard number.
+    key: Key | None  #: the key it is ordered by (``None``: no order kept for it)
     shard: int
-    #: Its sequence number in the stream.
-    stream_seq: int
-    #: True if JetStream (or a crashed predecessor) delivered it before.
-    redelivered: bool
+    stream_seq: int  #: its sequence number in the stream
+    redelivered: bool  #: True if JetStream (or a crashed predecessor) delivered it before
     _msg: Any = field(repr=False, compare=False, default=None)
 
 
 class _Shard:
-    """One shard: its consumer, its subscription, what it has in flight."""
+    """One shard: its JetStream consumer and subscription, and what it has in flight."""
 
     def __init__(self, index: int, consumer: str, subject: str) -> None:
-        self.index = index
-        self.consumer = consumer
-        self.subject = subject
+        self.index, self.consumer, self.subject = index, consumer, subject
+        #: Owner: the loop thread (_bind; the consumer's thread waits for it). The
+        #: ack floor + 1 of a consumer deleted to be recreated there, until it is;
+        #: the messages delivered before that have stream_seq <= delivered_before.
         self.sub: Any = None
-        #: Fetching from it: cleared to make its fetching task end (shard handed over).
-        self.reading = False
-        #: Its fetching task, while one runs.
-        self.fetching: concurrent.futures.Future[None] | None = None
-        #: Acks sent to the loop and not written yet.
-        self.acks = 0
-        #: The ack floor + 1 of a consumer deleted to be recreated there (until it is).
         self.restart_at: int | None = None
-        #: Messages delivered before a restart have stream_seq <= this.
         self.delivered_before = 0
-        #: stream_seq -> (message, time of the last sign of life sent).
+        #: Owner: the consumer's thread. Cleared to end the fetching task after its
+        #: current fetch (the task only reads it); the task, while one runs.
+        self.reading = False
+        self.fetching: concurrent.futures.Future[None] | None = None
+        #: Owner: NatsConsumer._acks_lock. Acks sent to the loop and not written yet.
+        self.acks = 0
+        #: Owner: the loop thread (the consumer's thread only tests it for emptiness).
+        #: stream_seq -> (message, when its last sign of life was sent); and recently
+        #: settled stream_seqs, oldest first, to drop late copies of them.
         self.in_flight: dict[int, tuple[NatsMessage, float]] = {}
-        #: Recently settled stream_seqs, to drop late redeliveries of them.
-        self.settled: set[int] = set()
-        self.settled_order: deque[int] = deque()
+        self.settled: dict[int, None] = {}
+
+    def busy_fetching(self) -> bool:
+        return self.fetching is not None and not self.fetching.done()
 
 
-class NatsConsumer(_ConsumerBase):
+class NatsConsumer(ShardedConsumer[NatsMessage]):
     """Fetch from a sharded JetStream stream and run a handler per message on a pool.
 
     Args:
         servers: the NATS server URL(s), e.g. ``"nats://127.0.0.1:4222"``.
         stream: the JetStream stream (created, capturing ``f"{subject}.*"``, if missing).
         handler: a plain blocking function called with each :class:`NatsMessage`.
-            Messages of one key run one at a time, in stream order. Raising
-            means failure: the message is retried as *retry* says, then
-            dead-lettered.
-        shards: how many shard subjects there are (the same as when publishing).
-        process_index, process_count: leave both out (the default) and the
-            processes that run this consumer (same *stream* and *durable*)
-            share the shards among themselves through leases in a JetStream
-            key-value bucket (``f"KP_{durable}"``): one that starts gets its
-            part, one that stops or dies has its shards taken over by the
-            others. Give both to pin the shards instead: this process then
-            always reads the shards ``s`` with ``s % process_count ==
-            process_index``, and a dead process's shards wait for a process
-            with its index.
-        lease_ttl: seconds a shard lease and a member's heartbeat last
-            (without pinned shards; the same in every process). A process
-            that dies loses its shards after at most this long (plus up to a
-            second: JetStream's expiry is that coarse); one cut off from NATS
-            this long stops fetching. Keep it well above a handler's running time;
-            at least ``3 * poll_timeout``.
-        on_rebalance: called with the set of shard numbers this process
-            reads, whenever it changes (on the consumer's thread).
         subject: the base subject; shard ``i`` is ``f"{subject}.{i}"``. Default: *stream*.
-        durable: the base name of the shard consumers (``f"{durable}-{i}"``).
-            Default: ``f"{stream}-keyedpool"``. Different durables read the
-            stream independently (like consumer groups).
-        key: where the key is: a header name (default ``"Keyedpool-Key"``; no
-            such header: no order kept) or a function of the message returning
-            ``str``, ``bytes``, ``int`` or ``None``. A message whose key cannot
-            be read (the function raises or returns another type) is
-            dead-lettered with that error.
-        pool: the pool to run handlers on. Default: a pool of its own with
-            *max_workers* workers, shut down by :meth:`stop`.
-        max_workers: the size of that pool (ignored with *pool*).
-        retry: the :class:`RetryPolicy` (default: 3 attempts, 0.1 s backoff doubling).
-        dead_letter: the subject dead letters go to. Default ``f"{subject}.dead"``
-            (kept in the same stream). ``None``: log and drop them.
-        on_dead_letter: called (on a worker) with each dead-lettered message and
-            its error. If it raises, the error is logged.
-        on_redelivered: called with each redelivered or duplicate message.
-        max_in_flight: the most messages fetched and not yet acked (backpressure).
-            Default: half the pool's ``max_pending``.
-        batch: the most messages one fetch asks for, per shard.
-        poll_timeout: how long one fetch waits for messages, in seconds (also
-            how quickly :meth:`stop` is noticed).
+            The default ``dead_letter`` is ``f"{subject}.dead"``.
+        durable: the base name of the shard consumers (``f"{durable}-{i}"``) and of the
+            lease bucket (``f"KP_{durable}"``). Default: ``f"{stream}-keyedpool"``.
+            Different durables read the stream independently (like consumer groups).
+        key: the header the key is in (default ``"Keyedpool-Key"``; none: no order
+            kept), or a function of the message returning the key.
         ack_wait: the shard consumers' ack wait, in seconds (used when creating them).
         connect_options: more keyword arguments for ``nats.connect``. A
             ``reconnected_cb`` given here is still called (after the consumer's own),
-            and an ``error_cb`` hears every failed try. ``max_reconnect_attempts``
-            applies once connected: the first connect tries each server twice
-            (``reconnect_time_wait`` apart), then :meth:`start` raises.
+            an ``error_cb`` hears every failed try, and ``max_reconnect_attempts``
+            applies once connected.
+        options: :class:`~keyedpool.contrib.consumer.ConsumerOptions`; its fields, and
+            :class:`~keyedpool.contrib.consumer.ShardedConsumer`'s ``shards``,
+            ``process_index``, ``process_count``, ``lease_ttl`` and ``on_rebalance``,
+            may also be given as keyword arguments. ``lease_ttl`` is the lease
+            bucket's TTL: the same in every process of a stream and durable, and at
+            least ``3 * poll_timeout``.
     """
 
     def __init__(
-        self,
-        servers: str | list[str],
-        stream: str,
-        handler: Callable[[NatsMessage], object],
-        *,
-        shards: int = 1,
-        process_index: int | None = None,
-        process_count: int | None = None,
-        lease_ttl: float = 10.0,
-        on_rebalance: Callable[[frozenset[int]], None] | None = None,
-        subject: str | None = None,
-        durable: str | None = None,
-        key: str | Callable[[NatsMessage], Key | None] = KEY_HEADER,
-        pool: KeyedPoolExecutor | None = None,
-        max_workers: int | None = None,
-        retry: RetryPolicy | None = None,
-        dead_letter: str | None = "",
-        on_dead_letter: Callable[[NatsMessage, BaseException], None] | None = None,
-        on_redelivered: Callable[[NatsMessage], None] | None = None,
-        max_in_flight: int | None = None,
-        batch: int = 100,
-        poll_timeout: float = 0.5,
-        ack_wait: float = 30.0,
+        self, servers: str | list[str], stream: str, handler: Callable[[NatsMessage], object],
+        *, subject: str | None = None, durable: str | None = None,
+        key: str | Callable[[NatsMessage], Key | None] = KEY_HEADER, ack_wait: float = 30.0,
         connect_options: Mapping[str, Any] | None = None,
+        options: ConsumerOptions | None = None, **args: Unpack[ShardedConsumerArgs],
     ) -> None:
         if not isinstance(stream, str) or not stream or "." in stream:
             raise ValueError("stream must be a non-empty str without dots (a JetStream name)")
-        check_handler(handler)
-        pinned = check_sharding(
-            shards, process_index, process_count,
-            lease_ttl=lease_ttl, on_rebalance=on_rebalance,
-        )
-        if not (isinstance(key, str) or callable(key)):
-            raise TypeError("key must be a header name (str) or a function of the message")
-        if on_dead_letter is not None and not callable(on_dead_letter):
-            raise TypeError("on_dead_letter must be callable or None")
-        check_positive("batch", batch)
-        check_seconds("poll_timeout", poll_timeout)
-        if not pinned and lease_ttl < 3 * poll_timeout:
-            # A fetch must end inside the lease, with a heartbeat (every ttl/3) in between.
-            raise ValueError(
-                f"lease_ttl ({lease_ttl}) must be at least 3 * poll_timeout ({poll_timeout})"
-            )
         check_seconds("ack_wait", ack_wait)
-        check_pool(pool)
-        self._servers = servers
-        self._stream = stream
+        super().__init__(handler, key=key, key_kind="header", options=options, args=args,
+                         thread_name=f"keyedpool-nats-{stream}")
+        poll = self.options.poll_timeout
+        if self._pinned is None and self._lease_ttl < 3 * poll:
+            # A fetch must end inside the lease, with a heartbeat (every ttl/3) in
+            # between. (The engine's pool starts no thread before its first task.)
+            raise ValueError(
+                f"lease_ttl ({self._lease_ttl}) must be at least 3 * poll_timeout ({poll})")
+        self._servers, self._stream, self._ack_wait = servers, stream, ack_wait
         self._subject = subject or stream
         self._durable = durable or f"{stream}-keyedpool"
-        self._key = key
-        self._dead_subject = f"{self._subject}.dead" if dead_letter == "" else dead_letter
-        self._on_dead_letter = on_dead_letter
-        self._batch = batch
-        self._fetch_timeout = poll_timeout
-        self._ack_wait = ack_wait
         self._connect_options = dict(connect_options or {})
-        self._shards = [
-            _Shard(s, f"{self._durable}-{s}", shard_subject(self._subject, s))
-            for s in range(shards)
-        ]
-        self._on_rebalance = on_rebalance
-        self._lease_ttl = lease_ttl
-        self._pinned: frozenset[int] | None = None
-        if pinned:
-            assert process_index is not None and process_count is not None
-            self._pinned = frozenset(
-                s for s in range(shards) if s % process_count == process_index
-            )
-        # Made at connect time (the lease store needs the connection).
-        self._leases: ShardLeases | None = None
-        self._fetch_error: BaseException | None = None
-        # Set by nats-py's reconnected_cb; the shards read then are bound afresh.
-        self._reconnected = threading.Event()
-        self._rebind: set[int] = set()
-        self._init_lifecycle(f"keyedpool-nats-{stream}", pool, max_workers)
-        if max_in_flight is None:
-            # Leave room in the pool for a fetch that overshoots (one batch per shard).
-            max_in_flight = max(1, self._pool.max_pending // 2)
-        self._handling: KeyedHandling[NatsMessage] = KeyedHandling(
-            handler,
-            pool=self._pool,
-            ack=self._ack,
-            dead_letter=self._write_dead_letter,
-            retry=retry,
-            max_in_flight=max_in_flight,
-            on_redelivered=on_redelivered,
-            on_room=self._wake_fetchers,
-        )
-        self._dead: set[int] = set()
-        self._dead_lock = threading.Lock()
+        self._shards = [_Shard(s, f"{self._durable}-{s}", shard_subject(self._subject, s))
+                        for s in range(self._shard_count)]
+        #: Written by _open (before the consumer's thread starts), then only read.
         self._loop: _Loop | None = None
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        #: Owner: the loop thread (others set it with call_soon_threadsafe): there
+        #: may be room to fetch again, or the consumer is stopping.
         self._room: asyncio.Event | None = None
-        self._drain_timeout: float | None = None
-        self._acks: set[concurrent.futures.Future[None]] = set()
+        #: Written once, on the loop thread, by the first fetching task that fails;
+        #: read by the consumer's thread after that task set _stopping.
+        self._fetch_error: BaseException | None = None
+        #: Set by nats-py's reconnected_cb; the shards read then are bound afresh.
+        self._reconnected = threading.Event()
+        #: Owner: the consumer's thread. Shards to bind (from the ack floor) before
+        #: they are read: just gained, or read when the connection dropped; and
+        #: when the next +WPI is due (monotonic).
+        self._rebind: set[int] = set()
+        self._next_sign_of_life = 0.0
+        #: Owner: _acks_lock (as each _Shard.acks): the acks sent to the loop, not done.
         self._acks_lock = threading.Lock()
-
-    # -- public -------------------------------------------------------------------
-
-    @property
-    def shards(self) -> frozenset[int]:
-        """The shard numbers this process reads now (changes as processes come and go)."""
-        if self._pinned is not None:
-            return self._pinned
-        return frozenset() if self._leases is None else self._leases.readable
+        self._acks: set[concurrent.futures.Future[None]] = set()
 
     @property
     def shard_subjects(self) -> list[str]:
         """The shard subjects this process reads now."""
         return [self._shards[s].subject for s in sorted(self.shards)]
 
-    def run(self) -> None:
-        """Fetch and handle messages until :meth:`stop` is called, then stop gracefully.
-
-        Blocks the calling thread (the NATS I/O runs on a loop thread of its own).
-        An error that stops it (cannot connect, the connection closed for
-        good) is raised after a graceful stop, kept in :attr:`error`, and
-        raised again by :meth:`stop`.
-        """
-        super().run()
-
-    def start(self) -> NatsConsumer:
-        """Connect and bind the shard consumers, then run :meth:`run` in a background thread.
-
-        Returns self. Connection and JetStream errors at setup raise here; if
-        no server can be reached, :class:`NatsConnectError` (naming the
-        addresses) once each server was tried twice, within seconds. The
-        thread is not a daemon; the consumer is stopped gracefully (as by
-        :meth:`stop`) when the interpreter exits.
-        """
-        return super().start()
-
-    def stop(self, timeout: float | None = 30.0, *, wait: bool = True) -> bool:
-        """Stop fetching, wait for the in-flight messages (at most *timeout* s), ack them, close.
-
-        From another thread this blocks until the consumer has stopped and
-        returns True if every in-flight message was settled. From the thread
-        that runs :meth:`run` (a signal handler, say) it only asks :meth:`run`
-        to return, and returns False; so does ``wait=False``, from anywhere.
-        If the consumer stopped because of an error (see :attr:`error`), that
-        error is raised here.
-        """
-        return super().stop(timeout, wait=wait)
-
-    def stats(self) -> ConsumerStats:
-        """Counters: handled, retries, dead-lettered, redelivered, duplicates, in flight..."""
-        return self._handling.stats()
+    # -- the consumer's thread ------------------------------------------------------
 
     def _open(self) -> None:
-        loop = self._loop = _Loop(f"keyedpool-nats-{self._stream}-io")
-        loop.call(self._connect())
+        self._loop = loop = _Loop(f"keyedpool-nats-{self._stream}-io")
+        kv = loop.call(self._connect())
+        if kv is not None:
+            name = re.sub(r"[^-_=.A-Za-z0-9]", "_", f"{socket.gethostname()}-{os.getpid()}")
+            self._share_shards(_NatsLeases(loop, kv, timeout=self._lease_ttl), name)
 
     def _consume(self) -> None:
-        if self._loop is None:
-            self._open()
-        loop = self._loop
-        assert loop is not None
-        if self._pinned is not None:
-            for index in sorted(self._pinned):
-                self._start_fetching(self._shards[index])
-            if self._on_rebalance is not None:
-                KeyedHandling._call_hook(self._on_rebalance, self._pinned)
-        tick = min(self._fetch_timeout, self._ack_wait / 3)
-        next_sign_of_life = monotonic() + self._ack_wait / 3
+        tick = min(self.options.poll_timeout, self._ack_wait / 3)
         while not self._stopping.is_set():
             self._rebalance()
-            if monotonic() >= next_sign_of_life:
-                loop.call(self._still_working())
-                next_sign_of_life = monotonic() + self._ack_wait / 3
+            self._sign_of_life()
             self._stopping.wait(tick)
         if self._fetch_error is not None:
             raise self._fetch_error  # what stopped a shard's fetching
 
-    def _start_fetching(self, shard: _Shard) -> None:
-        assert self._loop is not None
-        shard.reading = True
-        shard.fetching = self._loop.submit(self._fetch_shard(shard))
-        shard.fetching.add_done_callback(self._fetching_ended)
+    def _rebalance(self) -> None:
+        # Bind the shards that need it; start and end the shards' fetching tasks.
+        assert self._loop is not None and self._js is not None
+        readable, gained = self._tick()
+        if self._leases is not None:  # (pinned shards were bound by _open)
+            self._rebind |= gained  # a predecessor may have left messages unacked
+            gained.clear()  # (taken over here, through _rebind)
+        if self._reconnected.is_set():
+            self._reconnected.clear()
+            self._rebind |= {s.index for s in self._shards if s.reading or s.busy_fetching()}
+        for index in sorted(self._rebind & readable):
+            if self._busy(index):
+                continue  # stop fetching (below) and drain first
+            shard = self._shards[index]
+            try:
+                self._loop.call(self._bind(self._js, shard), self._lease_ttl)
+            except Exception:
+                log.warning("keyedpool: could not bind %s; trying again", shard.subject,
+                            exc_info=True)
+                continue
+            self._rebind.discard(index)
+        for shard in self._shards:
+            wanted = shard.index in readable and shard.index not in self._rebind
+            if wanted and not shard.reading and not shard.busy_fetching():
+                shard.reading = True
+                shard.fetching = self._loop.submit(self._fetch_shard(shard))
+                shard.fetching.add_done_callback(self._fetching_ended)
+            elif not wanted:
+                shard.reading = False  # its fetching ends after the current fetch
 
     def _fetching_ended(self, future: concurrent.futures.Future[None]) -> None:
         if not future.cancelled() and future.exception() is not None:
@@ -743,68 +498,65 @@ class NatsConsumer(_ConsumerBase):
                 self._fetch_error = future.exception()
             self._stopping.set()  # an error that stops fetching stops the consumer
 
-    def _busy(self, index: int) -> bool:
-        # Messages of this shard are in flight here, or acks unsent, or a fetch runs.
-        shard = self._shards[index]
-        return self._busy_fetching(shard) or bool(shard.in_flight) or shard.acks > 0
+    def _busy(self, shard: int) -> bool:
+        # A fetch running, or messages of the shard in flight here, or acks unsent.
+        # In this order: a message enters each state before it leaves the one
+        # before (fetched, then in flight, then its ack counted before it leaves
+        # in_flight), so no message slips between two of the checks.
+        state = self._shards[shard]
+        if state.busy_fetching() or state.in_flight:
+            return True
+        with self._acks_lock:
+            return state.acks > 0
 
-    def _rebalance(self) -> None:
-        # Bind the shards that need it, start and stop the shards' fetching tasks.
-        assert self._loop is not None and self._js is not None
-        leases = self._leases
-        if leases is not None:
-            leases.tick(self._busy)
-            readable, gained = leases.readable, leases.gained
-        else:
-            readable, gained = self._pinned or frozenset(), set()
-        if self._reconnected.is_set():
-            self._reconnected.clear()
-            # A fetch's messages may have been lost with the old connection:
-            # JetStream would send them again only after ack_wait, after newer
-            # ones. So each shard is drained, then bound afresh from its ack
-            # floor (see _bind): the lost messages come first.
-            self._rebind |= {
-                s.index for s in self._shards if s.reading or self._busy_fetching(s)
-            }
-        self._rebind &= readable
-        for index in sorted((gained | self._rebind) & readable):
-            if self._busy(index):
-                continue  # stop fetching (below) and drain first
-            shard = self._shards[index]
-            try:
-                # Unacked messages (of a dead owner, or lost on the wire) come first.
-                self._loop.call(self._bind(self._js, shard), self._lease_ttl)
-            except Exception:
-                log.warning("keyedpool: could not bind %s; trying again",
-                            shard.subject, exc_info=True)
-                continue
-            gained.discard(index)
-            self._rebind.discard(index)
-        for shard in self._shards:
-            wanted = (
-                shard.index in readable
-                and shard.index not in gained
-                and shard.index not in self._rebind
-            )
-            if wanted and not shard.reading and not self._busy_fetching(shard):
-                self._start_fetching(shard)
-            elif not wanted and shard.reading:
-                shard.reading = False  # its fetching ends after the current fetch
+    def _sign_of_life(self) -> None:
+        if monotonic() >= self._next_sign_of_life:
+            assert self._loop is not None
+            self._loop.call(self._still_working())
+            self._next_sign_of_life = monotonic() + self._ack_wait / 3
 
-    @staticmethod
-    def _busy_fetching(shard: _Shard) -> bool:
-        return shard.fetching is not None and not shard.fetching.done()
+    def _stop_fetching(self) -> None:
+        super()._stop_fetching()
+        # A fetching task sees _stopping within a poll (_wake wakes one that waits
+        # for room): nothing is dispatched after this.
+        fetching = [s.fetching for s in self._shards if s.fetching is not None]
+        concurrent.futures.wait(fetching, self.options.poll_timeout * 4 + 10)
 
-    def _set_stop_timeout(self, timeout: float | None) -> None:
-        self._drain_timeout = timeout
+    def _while_draining(self) -> None:
+        self._sign_of_life()  # a long drain must not let ack_wait expire either
+        super()._while_draining()
 
-    def _finish_unstarted(self) -> None:
-        self._stopping.set()
-        self._finish()
+    def _after_drain(self) -> None:
+        with self._acks_lock:
+            pending = list(self._acks)
+        concurrent.futures.wait(pending, timeout=10.0)
+        super()._after_drain()
+
+    def _close(self) -> None:
+        if self._loop is None:
+            return
+        try:
+            if self._nc is not None:
+                self._loop.call(self._close_connection(self._nc), timeout=10.0)
+        except Exception:
+            log.warning("keyedpool: closing the NATS connection failed", exc_info=True)
+        finally:
+            self._loop.close()
+
+    def _wake(self) -> None:
+        # Any thread: wake the fetching tasks waiting for room (or to see _stopping).
+        loop, room = self._loop, self._room
+        if loop is not None and room is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.loop.call_soon_threadsafe(room.set)
+
+    _room_freed = _wake  # on a worker: the consumer has room again
 
     # -- on the loop thread -------------------------------------------------------
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> KeyValue | None:
+        # The lease bucket; None with pinned shards, which are bound here instead
+        # (so that start() raises what is wrong with them).
         self._room = asyncio.Event()
         options = dict(self._connect_options)
         theirs = options.get("reconnected_cb")
@@ -818,55 +570,38 @@ class NatsConsumer(_ConsumerBase):
         self._nc = await _connect_nats(self._servers, options)
         self._js = js = self._nc.jetstream()
         await _ensure_stream(js, self._stream, self._subject)
-        if self._pinned is not None:
-            for index in sorted(self._pinned):
-                await self._bind(js, self._shards[index])
-            return
-        assert self._loop is not None
-        bucket = "KP_" + re.sub(r"[^A-Za-z0-9_-]", "_", self._durable)
-        kv = await _lease_bucket(js, bucket, self._lease_ttl)
-        name = re.sub(r"[^-_=.A-Za-z0-9]", "_", f"{socket.gethostname()}-{os.getpid()}")
-        self._leases = ShardLeases(
-            _NatsLeases(self._loop, kv, timeout=self._lease_ttl),
-            len(self._shards),
-            self._lease_ttl,
-            new_token(name),
-            on_change=self._on_rebalance,
-        )
+        if self._pinned is None:
+            bucket = "KP_" + re.sub(r"[^A-Za-z0-9_-]", "_", self._durable)
+            return await _lease_bucket(js, bucket, self._lease_ttl)
+        for index in sorted(self._pinned):
+            await self._bind(js, self._shards[index])
+        return None
 
     async def _bind(self, js: JetStreamContext, shard: _Shard) -> None:
-        start: int | None = None
+        start = None
         try:
             info = await js.consumer_info(self._stream, shard.consumer)
         except nats.js.errors.NotFoundError:
             info = None
         if info is not None and info.num_ack_pending:
-            # A predecessor died with messages unacked. JetStream would deliver
-            # newer ones before those come back: start over from the ack floor.
+            # A predecessor left messages unacked (it died, or they were lost on the
+            # wire). JetStream would deliver newer ones before those come back:
+            # start over from the ack floor.
             assert info.ack_floor is not None and info.delivered is not None
-            start = info.ack_floor.stream_seq + 1
+            start = shard.restart_at = info.ack_floor.stream_seq + 1
             shard.delivered_before = info.delivered.stream_seq
-            # Kept until the new consumer exists: a retry after a failure in
-            # between must not start from the beginning of the stream.
-            shard.restart_at = start
             await js.delete_consumer(self._stream, shard.consumer)
-            log.info(
-                "keyedpool: shard %s had %d unacked messages; redelivering from seq %d",
-                shard.subject, info.num_ack_pending, start,
-            )
+            log.info("keyedpool: shard %s had %d unacked messages; redelivering from seq %d",
+                     shard.subject, info.num_ack_pending, start)
             info = None
         if info is None:
+            # restart_at: a retry after a failure in between starts there, not at seq 1.
             start = start or shard.restart_at
-            config = ConsumerConfig(
-                durable_name=shard.consumer,
-                filter_subject=shard.subject,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=self._ack_wait,
-                max_deliver=-1,
+            await js.add_consumer(self._stream, ConsumerConfig(
+                durable_name=shard.consumer, filter_subject=shard.subject,
+                ack_policy=AckPolicy.EXPLICIT, ack_wait=self._ack_wait, max_deliver=-1,
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start else DeliverPolicy.ALL,
-                opt_start_seq=start,
-            )
-            await js.add_consumer(self._stream, config)
+                opt_start_seq=start))
             shard.restart_at = None
         if shard.sub is not None:  # bound before, handed over since
             with contextlib.suppress(Exception):
@@ -876,26 +611,23 @@ class NatsConsumer(_ConsumerBase):
     async def _fetch_shard(self, shard: _Shard) -> None:
         room_event = self._room
         assert room_event is not None
-        per_shard = max(1, self._batch)
+        poll, batch = self.options.poll_timeout, self.options.batch
         while shard.reading and not self._stopping.is_set():
             leases = self._leases
-            if leases is not None and monotonic() + self._fetch_timeout >= leases.valid_until:
-                # The heartbeat is late: no fetch that could end after the lease may.
-                await asyncio.sleep(self._fetch_timeout)
+            if leases is not None and monotonic() + poll >= leases.valid_until:
+                await asyncio.sleep(poll)  # the heartbeat is late: no fetch past the lease
                 continue
             room = self._handling.room()
             if room <= 0:
                 room_event.clear()
-                if self._handling.room() <= 0:
-                    try:
-                        await asyncio.wait_for(room_event.wait(), self._fetch_timeout)
-                    except asyncio.TimeoutError:  # noqa: UP041 - not TimeoutError on 3.10
-                        pass
+                if self._handling.room() <= 0 and not self._stopping.is_set():
+                    with contextlib.suppress(asyncio.TimeoutError):  # noqa: UP041 - 3.10
+                        await asyncio.wait_for(room_event.wait(), poll)
                 continue
             reading = sum(1 for s in self._shards if s.reading)
-            count = max(1, min(per_shard, room // max(reading, 1)))
             try:
-                msgs = await shard.sub.fetch(count, timeout=self._fetch_timeout)
+                msgs = await shard.sub.fetch(max(1, min(batch, room // max(reading, 1))),
+                                             timeout=poll)
             except asyncio.TimeoutError:  # noqa: UP041 - nats' too; not TimeoutError on 3.10
                 continue
             except nats.errors.ConnectionClosedError:
@@ -905,64 +637,38 @@ class NatsConsumer(_ConsumerBase):
             except Exception:
                 log.warning("keyedpool: fetch from %s failed; retrying", shard.subject,
                             exc_info=True)
-                await asyncio.sleep(self._fetch_timeout)
+                await asyncio.sleep(poll)
                 continue
             for msg in msgs:
-                waiting = self._receive(shard, msg)
+                waiting = self._take(shard, msg)
                 if waiting is not None:
-                    # A shared pool is full: wait for room in another thread, not
-                    # on this event loop (which serves every shard, acks and
-                    # heartbeats), and keep this shard's order: the next message
-                    # is handed over only once this one is.
+                    # A shared pool is full: wait for room in another thread, not on
+                    # this loop (it serves every shard, the acks and the heartbeats),
+                    # and keep the shard's order: the next message waits for this one.
                     await asyncio.get_running_loop().run_in_executor(None, waiting)
 
-    def _receive(self, shard: _Shard, msg: Msg) -> Callable[[], object] | None:
+    def _take(self, shard: _Shard, msg: Msg) -> Callable[[], object] | None:
         """Hand one fetched message over; None, or a blocking call that must finish it."""
-        meta = msg.metadata
-        seq = meta.sequence.stream
-        redelivered = meta.num_delivered > 1 or seq <= shard.delivered_before
+        seq = msg.metadata.sequence.stream
+        redelivered = msg.metadata.num_delivered > 1 or seq <= shard.delivered_before
         if seq in shard.in_flight or seq in shard.settled:
             # A copy of a message we hold (or just acked): JetStream redelivered it.
             held = shard.in_flight.get(seq)
-            copy = held[0] if held else self._message(shard, msg, redelivered=True)
-            self._handling.note_duplicate(copy)
+            self._handling.note_duplicate(
+                held[0] if held else self._message(shard, msg, redelivered=True))
             if held is None:
                 self._submit_ack(shard, msg.ack())
             return None
         message = self._message(shard, msg, redelivered=redelivered)
         shard.in_flight[seq] = (message, monotonic())
-        try:
-            key = read_key(self._read_key, message)
-        except Exception as exc:
-            # Its key cannot be read: dead-letter it (with the error), go on. (Rare:
-            # from a thread, since a full shared pool would make it wait.)
-            return functools.partial(
-                self._handling.dispatch_dead, message, exc, redelivered=redelivered
-            )
-        object.__setattr__(message, "key", key)
-        if not self._handling.dispatch(key, message, redelivered=redelivered, wait=False):
-            return functools.partial(
-                self._handling.dispatch, key, message, redelivered=redelivered
-            )
-        return None
+        if self._receive(message, redelivered=redelivered, wait=False):
+            return None
+        return functools.partial(self._receive, message, redelivered=redelivered, wait=True)
 
-    def _message(self, shard: _Shard, msg: Msg, *, redelivered: bool) -> NatsMessage:
-        headers = msg.headers
-        return NatsMessage(
-            subject=msg.subject,
-            data=msg.data,
-            headers=headers,
-            key=None,
-            shard=shard.index,
-            stream_seq=msg.metadata.sequence.stream,
-            redelivered=redelivered,
-            _msg=msg,
-        )
-
-    def _read_key(self, message: NatsMessage) -> object:
-        if callable(self._key):
-            return self._key(message)
-        return (message.headers or {}).get(self._key)
+    @staticmethod
+    def _message(shard: _Shard, msg: Msg, *, redelivered: bool) -> NatsMessage:
+        return NatsMessage(msg.subject, msg.data, msg.headers, None, shard.index,
+                           msg.metadata.sequence.stream, redelivered, _msg=msg)
 
     async def _still_working(self) -> None:
         # +WPI for messages in flight for a while, so ack_wait never expires under them.
@@ -978,41 +684,37 @@ class NatsConsumer(_ConsumerBase):
 
     async def _settled(self, message: NatsMessage, dead: bool) -> None:
         shard = self._shards[message.shard]
-        seq = message.stream_seq
-        shard.in_flight.pop(seq, None)
-        shard.settled.add(seq)
-        shard.settled_order.append(seq)
-        while len(shard.settled_order) > 2 * self._handling.max_in_flight + 1000:
-            shard.settled.discard(shard.settled_order.popleft())
-        if dead:
-            await message._msg.term()
-        else:
-            await message._msg.ack()
+        shard.in_flight.pop(message.stream_seq, None)
+        shard.settled[message.stream_seq] = None
+        while len(shard.settled) > 2 * self._handling.max_in_flight + 1000:
+            del shard.settled[next(iter(shard.settled))]  # the oldest
+        await (message._msg.term() if dead else message._msg.ack())  # term: never again
 
     @staticmethod
     async def _close_connection(nc: Client) -> None:
-        await nc.flush()  # the acks are written before the connection goes
+        # Not drain(): it waits for pull subscriptions' queues to be marked done,
+        # which fetch() never does.
+        with contextlib.suppress(Exception):
+            await nc.flush()  # the acks are written before the connection goes
         await nc.close()
-
-    def _wake_fetchers(self) -> None:
-        loop, room = self._loop, self._room
-        if loop is not None and room is not None:
-            loop.loop.call_soon_threadsafe(room.set)
 
     # -- on the workers -----------------------------------------------------------
 
-    def _ack(self, message: NatsMessage) -> None:
-        with self._dead_lock:
-            dead = message.stream_seq in self._dead
-            self._dead.discard(message.stream_seq)
+    def _ack(self, message: NatsMessage, dead: bool) -> None:
         self._submit_ack(self._shards[message.shard], self._settled(message, dead))
 
     def _submit_ack(self, shard: _Shard, coro: Coroutine[Any, Any, None]) -> None:
-        # Fire and forget: a worker never waits for the loop to ack.
+        # Fire and forget: a worker never waits for the loop. Counted before it is
+        # sent, so that the shard stays busy until the ack is written.
         assert self._loop is not None
         with self._acks_lock:
             shard.acks += 1
-        future = self._loop.submit(coro)
+        try:
+            future = self._loop.submit(coro)
+        except BaseException:
+            with self._acks_lock:
+                shard.acks -= 1
+            raise
         with self._acks_lock:
             self._acks.add(future)
         future.add_done_callback(lambda done: self._ack_done(shard, done))
@@ -1025,63 +727,22 @@ class NatsConsumer(_ConsumerBase):
             log.warning("keyedpool: ack failed: %r (the message will come again)",
                         future.exception())
 
-    def _write_dead_letter(self, message: NatsMessage, error: BaseException) -> None:
-        if self._dead_subject is not None:
-            assert self._loop is not None and self._js is not None
-            headers = dict(message.headers or {})
-            headers["Keyedpool-Error"] = repr(error)[:1000]
-            headers["Keyedpool-Source-Subject"] = message.subject
-            headers["Keyedpool-Source-Seq"] = str(message.stream_seq)
-            self._loop.call(
-                self._js.publish(self._dead_subject, message.data, headers=headers),
-                timeout=10.0,
-            )
-        else:
-            log.error("keyedpool: dropping message %d of %s (key %r) after: %r",
-                      message.stream_seq, message.subject, message.key, error)
-        with self._dead_lock:
-            self._dead.add(message.stream_seq)
-        if self._on_dead_letter is not None:
-            try:
-                self._on_dead_letter(message, error)
-            except Exception:
-                log.exception("keyedpool: on_dead_letter raised")
+    def _write_dead_letter(self, message: NatsMessage, error: BaseException,
+                           destination: str) -> None:
+        assert self._loop is not None and self._js is not None
+        headers = {**(message.headers or {}), "Keyedpool-Error": repr(error)[:1000],
+                   "Keyedpool-Source-Subject": message.subject,
+                   "Keyedpool-Source-Seq": str(message.stream_seq)}
+        self._loop.call(self._js.publish(destination, message.data, headers=headers), 10.0)
 
-    # -- stopping -----------------------------------------------------------------
+    def _default_dead_letter(self, message: NatsMessage) -> str:
+        return f"{self._subject}.dead"
 
-    def _finish(self) -> None:
-        loop = self._loop
-        try:
-            leases = self._leases
-            if leases is not None:
-                leases.stop_taking()
-            fetching = [s.fetching for s in self._shards if s.fetching is not None]
-            concurrent.futures.wait(fetching, self._fetch_timeout * 4 + 10)
-            # Meanwhile keep the leases of the shards still draining, hand over the rest.
-            meanwhile = None if leases is None else functools.partial(leases.tick, self._busy)
-            every = None if leases is None else self._fetch_timeout
-            if not self._handling.drain(self._drain_timeout, every=every, meanwhile=meanwhile):
-                log.warning(
-                    "keyedpool: %d messages still in flight at stop; they will be "
-                    "delivered again", self._handling.in_flight,
-                )
-            with self._acks_lock:
-                pending = list(self._acks)
-            concurrent.futures.wait(pending, timeout=10.0)
-            if leases is not None:
-                # Hand the drained shards to the others at once (the rest expire).
-                leases.leave(self._busy)
-            if loop is not None and self._nc is not None:
-                try:
-                    # Not drain(): it waits for pull subscriptions' queues to be
-                    # marked done, which fetch() never does.
-                    loop.call(self._close_connection(self._nc), timeout=10.0)
-                except Exception:
-                    log.warning("keyedpool: closing the NATS connection failed", exc_info=True)
-        finally:
-            self._handling.close()
-            if self._own_pool:
-                self._pool.shutdown(wait=True)
-            if loop is not None:
-                loop.close()
-            self._stopped.set()
+    def _named_key(self, message: NatsMessage, name: str) -> object:
+        return (message.headers or {}).get(name)
+
+    def _set_key(self, message: NatsMessage, key: Key | None) -> None:
+        object.__setattr__(message, "key", key)
+
+    def _describe(self, message: NatsMessage) -> str:
+        return f"message {message.stream_seq} of {message.subject} (key {message.key!r})"

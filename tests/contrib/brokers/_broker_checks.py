@@ -543,7 +543,7 @@ def check_a_flaky_message_is_retried_in_order(
     ``consumer_for(handler, retry=...)`` makes the (not started) consumer.
     Returns the consumer, stopped, for broker-specific checks.
     """
-    from keyedpool.contrib._consumer import RetryPolicy
+    from keyedpool.contrib.consumer import RetryPolicy
 
     seen = InProcess(20, seq_of)
 
@@ -574,7 +574,7 @@ def check_a_poison_message_is_dead_lettered(
     on. ``consumer_for(handler, retry=..., on_dead_letter=...)`` makes the (not
     started) consumer. Returns it, stopped, to check what the broker holds.
     """
-    from keyedpool.contrib._consumer import DeadLetter, RetryPolicy
+    from keyedpool.contrib.consumer import DeadLetter, RetryPolicy
 
     seen = InProcess(9 + 9, seq_of)
     dead: list[tuple[Any, BaseException]] = []
@@ -618,7 +618,7 @@ def check_a_slow_key_does_not_stop_the_others(
     makes the (not started) consumer over *shards* shards.
     """
     from keyedpool import KeyedPoolExecutor
-    from keyedpool.contrib._consumer import shard_of
+    from keyedpool.contrib.consumer import shard_of
 
     pool = KeyedPoolExecutor(4, routing="hash")
     # routing="hash": keys on the slow key's worker wait behind it (a worker runs one handler

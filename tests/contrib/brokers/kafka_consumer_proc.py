@@ -39,7 +39,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from keyedpool.contrib._consumer import ConsumerStats
+from keyedpool.contrib.consumer import ConsumerStats
 from keyedpool.contrib.kafka import KafkaConsumer
 
 Record = Callable[[str, int, bool], None]

@@ -1,4 +1,4 @@
-"""The broker-independent consumer logic (keyedpool.contrib._consumer), without a broker.
+"""The broker-independent consumer logic (keyedpool.contrib.consumer), without a broker.
 
 These tests drive ``KeyedHandling`` directly: the broker adapters' tests cover
 the same properties against real servers.
@@ -14,13 +14,13 @@ from _util import wait_until
 
 from keyedpool import KeyedPoolExecutor
 from keyedpool._routing import worker_index
-from keyedpool.contrib._consumer import (
+from keyedpool.contrib.consumer import (
     DeadLetter,
     KeyedHandling,
     RetryPolicy,
-    read_key,
     shard_of,
 )
+from keyedpool.contrib.consumer._engine import read_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,7 +33,7 @@ class _Recorder:
         self.dead: list[tuple[tuple[str, int], BaseException]] = []
         self.calls: dict[tuple[str, int], int] = defaultdict(int)
 
-    def ack(self, msg: tuple[str, int]) -> None:
+    def ack(self, msg: tuple[str, int], dead: bool = False) -> None:
         with self.lock:
             self.acked.append(msg)
 
@@ -162,9 +162,11 @@ def test_backpressure_bounds_in_flight_messages() -> None:
 def test_bad_arguments_are_rejected() -> None:
     with KeyedPoolExecutor(1) as pool:
         with pytest.raises(TypeError):
-            KeyedHandling("nope", pool=pool, ack=print, dead_letter=print)  # type: ignore[arg-type]
+            KeyedHandling("nope", pool=pool, ack=lambda m, d: None, dead_letter=print)  # type: ignore[arg-type]
         with pytest.raises(ValueError):
-            KeyedHandling(print, pool=pool, ack=print, dead_letter=print, max_in_flight=0)
+            KeyedHandling(
+                print, pool=pool, ack=lambda m, d: None, dead_letter=print, max_in_flight=0
+            )
     with pytest.raises(ValueError):
         RetryPolicy(attempts=0)
     with pytest.raises(TypeError):
@@ -267,14 +269,22 @@ def test_dispatch_dead_writes_the_dead_letter_without_calling_the_handler() -> N
 
 
 def test_read_key_checks_what_the_key_function_returns() -> None:
-    assert read_key(lambda m: m, "k") == "k"
+    def named(message: dict[str, object], name: str) -> object:
+        return message.get(name)
+
+    assert read_key(lambda m: m["id"], {"id": "k"}, named, {}) == "k"
+    assert read_key("id", {}, named, {"id": 7}) == 7
+    assert read_key("id", {}, named, {}) is None
     with pytest.raises(TypeError, match="float"):
-        read_key(lambda m: 1.5, "k")
-    def missing(message: str) -> object:
-        raise KeyError(message)
+        read_key(lambda m: 1.5, {}, named, {})
+    with pytest.raises(TypeError, match="bool"):
+        read_key("id", {}, named, {"id": True})
+
+    def missing(message: dict[str, object]) -> object:
+        raise KeyError("id")
 
     with pytest.raises(KeyError):
-        read_key(missing, "k")
+        read_key(missing, {}, named, {})
 
 
 def test_a_retry_is_not_lost_when_a_shared_pool_is_full() -> None:

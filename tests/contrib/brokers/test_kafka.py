@@ -306,6 +306,11 @@ def test_bad_arguments_fail_at_the_call() -> None:
         KafkaConsumer("t", handle, config=config, batch=0)
     with pytest.raises(TypeError, match="RetryPolicy"):
         KafkaConsumer("t", handle, config=config, retry=3)  # type: ignore[arg-type]
+    # The shared options: "" no longer means the default topic (leave it out for that).
+    with pytest.raises(ValueError, match="dead_letter must be a non-empty name"):
+        KafkaConsumer("t", handle, config=config, dead_letter="")
+    with KeyedPoolExecutor(1) as pool, pytest.raises(ValueError, match="either pool or"):
+        KafkaConsumer("t", handle, config=config, pool=pool, max_workers=2)
 
 
 class RecordingConsumer:
@@ -442,6 +447,27 @@ def test_the_commit_on_revoke_is_retried_with_backoff_only_for_passing_errors(
             assert waits == [0.1]  # a second wait (0.2 s) would end past 0.25 s
         finally:
             short.pool.shutdown()
+    finally:
+        consumer.pool.shutdown()
+
+
+def test_a_revoke_does_not_wait_for_a_message_that_will_never_finish() -> None:
+    # A message the pool dropped (a shared pool shut down under the consumer) stays
+    # unfinished for good: the revoke commits below it at once instead of waiting
+    # out revoke_timeout (longer than this test's timeout, so waiting fails it).
+    config = {"bootstrap.servers": "127.0.0.1:1", "group.id": "g"}
+    consumer = KafkaConsumer("t", print, config=config, revoke_timeout=1000)
+    try:
+        fake = RecordingConsumer()
+        partitions = [TopicPartition("t", 0)]
+        consumer._on_assign(fake, partitions)  # type: ignore[arg-type]
+        state = consumer._partitions[("t", 0)]
+        state.add(5)
+        state.finish(5)
+        state.add(6)  # taken, and not in flight in the pool: it never finishes
+        consumer._on_revoke(fake, partitions)  # type: ignore[arg-type]
+        assert ("commit", [(0, 6)]) in fake.calls
+        assert fake.calls[-1] == ("incremental_unassign", [0])
     finally:
         consumer.pool.shutdown()
 
@@ -1053,7 +1079,8 @@ def test_a_raising_on_dead_letter_hook_is_logged_and_the_letter_written_once(
         retry=RetryPolicy(attempts=1, max_backoff=0.01),
         on_dead_letter=hook,
     )
-    with caplog.at_level(logging.ERROR, logger="keyedpool.contrib.kafka"):
+    # The engine (keyedpool.contrib.consumer) calls the hook and logs what it raises.
+    with caplog.at_level(logging.ERROR, logger="keyedpool.contrib"):
         consumer.start()
         try:
             commits.wait(2)

@@ -47,6 +47,7 @@ from _util import wait_until  # noqa: E402
 
 from keyedpool.contrib.nats import (  # noqa: E402
     KEY_HEADER,
+    DeadLetter,
     NatsConnectError,
     NatsConsumer,
     NatsMessage,
@@ -120,11 +121,15 @@ def _unacked(server: Server, stream: str) -> int:
     return asyncio.run(main())
 
 
-def _dead_letters(server: Server, stream: str) -> list[tuple[bytes, dict[str, str]]]:
+def _dead_letters(
+    server: Server, stream: str, subject: str | None = None
+) -> list[tuple[bytes, dict[str, str]]]:
+    """The messages on *subject* (default: the dead-letter subject ``f"{stream}.dead"``)."""
+
     async def main() -> list[tuple[bytes, dict[str, str]]]:
         nc = await nats.connect(_url(server))
         js = nc.jetstream()
-        sub = await js.pull_subscribe(f"{stream}.dead", stream=stream)
+        sub = await js.pull_subscribe(subject or f"{stream}.dead", stream=stream)
         out: list[tuple[bytes, dict[str, str]]] = []
         try:
             for msg in await sub.fetch(10, timeout=2):
@@ -265,6 +270,37 @@ def test_a_poison_message_goes_to_the_dead_letter_subject_and_its_key_moves_on(
     errors = {h[KEY_HEADER]: h["Keyedpool-Error"] for _, h in letters}
     assert "ValueError" in errors["a"]
     assert _unacked(nats_server, stream) == 0
+
+
+@pytest.mark.parametrize("dead_letter", ["poison", None])
+def test_dead_letters_go_where_dead_letter_says_and_are_terminated(
+    nats_server: Server, stream: str, dead_letter: str | None
+) -> None:
+    # dead_letter names another subject of the stream, or None: logged and dropped.
+    # Either way the message is terminated (AckTerm), so nothing stays unacked.
+    destination = None if dead_letter is None else f"{stream}.{dead_letter}"
+    seen = _in_process(expected=2)
+    calls: list[int] = []
+
+    def handle(message: NatsMessage) -> None:
+        calls.append(_seq_of(message))
+        if _seq_of(message) == 1:
+            raise DeadLetter("unknown event type")
+        seen.note_handled(message)
+
+    _publish_small(nats_server, stream, ["a"], range(3))
+    consumer = _consumer_for(nats_server, stream)(handle, dead_letter=destination)
+    with consumer:
+        assert seen.done.wait(WAIT)
+    assert seen.handled["a"] == [0, 2] and calls == [0, 1, 2]
+    assert consumer.stats().dead_lettered == 1
+    assert _unacked(nats_server, stream) == 0
+    assert _dead_letters(nats_server, stream) == []  # not the default subject
+    if destination is not None:
+        [(data, headers)] = _dead_letters(nats_server, stream, destination)
+        assert data == b"1" and "unknown event type" in headers["Keyedpool-Error"]
+        assert headers["Keyedpool-Source-Subject"] == shard_subject(stream, shard_of("a", SHARDS))
+        assert headers["Keyedpool-Source-Seq"] == "2"  # a's 0 was the stream's first
 
 
 def _consumer_state(server: Server, stream: str, shard: int) -> tuple[int, int]:

@@ -303,7 +303,7 @@ def test_bad_arguments_fail_at_the_call(client: redis.Redis) -> None:
         RedisConsumer(client, "s", print, group="g", shards=4, process_index=2, process_count=2)
     with pytest.raises(ValueError, match="shards"):
         RedisConsumer(client, "s", print, group="g", shards=1, process_count=2, process_index=1)
-    with pytest.raises(TypeError, match="group"):
+    with pytest.raises(ValueError, match="group"):
         RedisConsumer(client, "s", print, group="")
     with pytest.raises(ValueError, match="poll_timeout"):
         RedisConsumer(client, "s", print, group="g", poll_timeout=0)

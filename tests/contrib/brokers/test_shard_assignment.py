@@ -17,8 +17,8 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
-from keyedpool.contrib import _shards
-from keyedpool.contrib._shards import assign
+from keyedpool.contrib.consumer import _shards
+from keyedpool.contrib.consumer._shards import assign
 
 SHARD_COUNTS = (8, 16, 32, 64)
 # Member lists tried per shard count and group size in the movement tests.
@@ -117,7 +117,7 @@ def test_the_split_is_fixed_for_given_tokens() -> None:
 def test_the_split_does_not_depend_on_the_process_hash_seed() -> None:
     # Python's hash() of a str differs per process; the split must not.
     code = (
-        "from keyedpool.contrib._shards import assign;"
+        "from keyedpool.contrib.consumer._shards import assign;"
         "print(sorted(assign(32, ['a/1', 'b/2', 'c/3'], 'b/2')))"
     )
     outputs = {

@@ -22,7 +22,7 @@ from itertools import pairwise
 
 import pytest
 
-from keyedpool.contrib._shards import ShardLeases, assign, new_token
+from keyedpool.contrib.consumer._shards import ShardLeases, assign, new_token
 
 SHARDS = 8
 TTL = 3.0  # heartbeats every 1 s; a failed one is tried again after 0.3 s

@@ -1,8 +1,10 @@
-"""The broker-independent half of every keyedpool message consumer.
+"""The heart of the consumer engine: each message through the pool, in order per key.
 
-The broker adapters (``keyedpool.contrib.redis``, ``.nats``, ``.kafka``) fetch
-messages and settle them with their broker; everything in between lives here, in
-:class:`KeyedHandling`:
+The consumers (:class:`~keyedpool.contrib.consumer.Consumer` and the broker
+adapters built on it) fetch messages and settle them with their broker;
+everything in between lives here, in :class:`KeyedHandling`, which knows nothing
+of brokers (it can be used on its own, e.g. for a broker keyedpool has no
+adapter for):
 
 * **Per-key order that survives failures, and retries that block only their
   own key.** Each message is submitted with ``submit_with(key, ..., retry=...)``:
@@ -16,7 +18,8 @@ messages and settle them with their broker; everything in between lives here, in
   ``dead_letter`` callback gets the message (it publishes it to the broker's
   dead-letter destination), then the message is acked and its key moves on.
 * **Ack after success.** The adapter's ``ack`` callback runs on the worker right
-  after the handler returned (or after the dead letter was written), never before.
+  after the handler returned (or after the dead letter was written), never
+  before; its second argument says which (``True``: dead-lettered).
 * **Backpressure.** At most ``max_in_flight`` messages are dispatched and not
   yet settled. Adapters ask :meth:`KeyedHandling.wait_for_room` (or
   :meth:`~KeyedHandling.room`) before fetching, so they stop fetching while the
@@ -32,7 +35,7 @@ messages and settle them with their broker; everything in between lives here, in
   the optional ``on_redelivered`` hook. Delivery is at least once: after a crash
   a message may be handled again, so handlers should be idempotent.
 
-API (stable; the Kafka adapter builds on it)::
+API::
 
     handling = KeyedHandling(handler, pool=pool, ack=ack, dead_letter=dead_letter,
                              retry=RetryPolicy(), max_in_flight=None,
@@ -40,7 +43,7 @@ API (stable; the Kafka adapter builds on it)::
     handling.wait_for_room(timeout=None) -> int   # free slots, 0 on timeout / stop
     handling.room() -> int
     handling.dispatch(key, message, redelivered=False, wait=True) -> bool  # see its docstring
-    handling.dispatch_dead(message, error, redelivered=False)  # straight to dead_letter
+    handling.dispatch_dead(message, error, redelivered=False, wait=True) -> bool
     handling.note_duplicate(message)
     handling.drain(timeout=None) -> bool                 # True once nothing is in flight
     handling.close()
@@ -56,22 +59,21 @@ full to not full.
 from __future__ import annotations
 
 import logging
-import math
 import threading
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import mmh3
 
-from keyedpool import Key, KeyedPoolExecutor, PoolFull, RetryPolicy
-from keyedpool._routing import SEED, check_key, key_bytes
+from keyedpool import Key, KeyedPoolExecutor, PoolFull, RetryPolicy, key_bytes
+
+from ._options import check_key, check_positive
 
 if TYPE_CHECKING:
-    from typing_extensions import Self  # noqa: UP035 - typing.Self is 3.11+
+    pass  # noqa: UP035 - typing.Self is 3.11+
 
 __all__ = [
     "ConsumerStats",
@@ -158,8 +160,9 @@ class KeyedHandling(Generic[M]):
             success; raising means failure (retried as *retry* says; raise
             :class:`DeadLetter` to skip the retries).
         pool: the :class:`~keyedpool.KeyedPoolExecutor` that runs the handlers.
-        ack: called with a message on the worker once it is settled: after its
-            handler succeeded, or after ``dead_letter`` returned. If it raises,
+        ack: called with a message on the worker once it is settled, and
+            ``False`` after its handler succeeded, ``True`` after
+            ``dead_letter`` returned. If it raises,
             the error is logged and counted (the broker will deliver the message
             again later).
         dead_letter: called with the message and the last exception when the
@@ -181,11 +184,11 @@ class KeyedHandling(Generic[M]):
         handler: Callable[[M], object],
         *,
         pool: KeyedPoolExecutor,
-        ack: Callable[[M], None],
+        ack: Callable[[M, bool], None],
         dead_letter: Callable[[M, BaseException], None],
         retry: RetryPolicy | None = None,
         max_in_flight: int | None = None,
-        on_redelivered: Callable[[M], None] | None = None,
+        on_redelivered: Callable[[M], object] | None = None,
         on_room: Callable[[], None] | None = None,
     ) -> None:
         for name, fn in (
@@ -299,19 +302,23 @@ class KeyedHandling(Generic[M]):
         return True
 
     def dispatch_dead(
-        self, message: M, error: BaseException, *, redelivered: bool = False
-    ) -> None:
+        self, message: M, error: BaseException, *, redelivered: bool = False, wait: bool = True
+    ) -> bool:
         """Send *message* to ``dead_letter`` with *error* without calling the handler.
 
         For a message that cannot be handled at all, e.g. because its key could
         not be read. It runs on a worker like any message (no order kept), and
-        is acked once the dead letter is written.
+        is acked once the dead letter is written. *wait* and the result are as
+        in :meth:`dispatch`.
         """
         item = _Item(None, message)
         item.dead = True
         item.failure = error
         self._accept(item, redelivered)
-        self._submit(item, True)
+        if not self._submit(item, wait):
+            self._unaccept(item, redelivered)
+            return False
+        return True
 
     def note_duplicate(self, message: M) -> None:
         """Count a copy of a message the adapter dropped because it already has it."""
@@ -501,7 +508,7 @@ class KeyedHandling(Generic[M]):
     def _settle(self, item: _Item[M], *, handled: bool) -> None:
         # Ack, let the key's next message run, free the slot.
         try:
-            self._ack(item.message)
+            self._ack(item.message, not handled)
         except Exception:
             log.exception("keyedpool: ack failed for a message of key %r", item.key)
             ack_failed = True
@@ -552,26 +559,6 @@ class KeyedHandling(Generic[M]):
             log.exception("keyedpool: a consumer hook raised")
 
 
-def check_positive(name: str, value: object) -> None:
-    """Raise TypeError/ValueError unless *value* is an int > 0."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be greater than 0")
-
-
-def check_seconds(name: str, value: object, *, allow_zero: bool = False) -> None:
-    """Raise TypeError/ValueError unless *value* is a finite number of seconds (> 0)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"{name} must be a number of seconds, not {type(value).__name__}"
-        )
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(
-            f"{name} must be a finite number of seconds > 0, not {value!r}"
-        )
-
-
 def shard_of(key: Key, shards: int) -> int:
     """The shard (0 to ``shards - 1``) a key's messages are published to.
 
@@ -588,264 +575,4 @@ def shard_of(key: Key, shards: int) -> int:
         raise ValueError("keyedpool: a message needs a key (str, bytes or int) to be sharded")
     check_key(key)
     check_positive("shards", shards)
-    return (mmh3.hash(key_bytes(key), SEED, False) * shards) >> 32
-
-
-def read_key(key_of: Callable[[M], object], message: M) -> Key | None:
-    """``key_of(message)``, checked: raises what *key_of* raises, or TypeError for a non-key.
-
-    Adapters dead-letter a message whose key cannot be read (with this error)
-    instead of letting it stop the consumer.
-    """
-    key = key_of(message)
-    try:
-        check_key(key)
-    except TypeError as exc:
-        raise TypeError(
-            f"keyedpool: the key of a message must be str, bytes, int or None, "
-            f"not {type(key).__name__} ({exc})"
-        ) from None
-    return key  # type: ignore[return-value]
-
-
-def stop_at_exit(stop: Callable[[], object]) -> None:
-    """Call the bound method *stop* when the interpreter exits, before threads are joined.
-
-    The consumers' background threads are not daemons, so a program that
-    returns from its main thread without stopping them would wait forever; this
-    hook (``threading._register_atexit``, the one ``concurrent.futures`` uses)
-    stops them gracefully first. It holds the consumer only weakly.
-    """
-    ref = weakref.WeakMethod(stop)
-
-    def at_exit() -> None:
-        method: Any = ref()
-        if method is not None:
-            try:
-                method()
-            except Exception:
-                log.exception("keyedpool: a consumer stopped with an error at exit")
-
-    register: Any = getattr(threading, "_register_atexit", None)
-    if register is None:  # pragma: no cover - CPython 3.9+ has it
-        return
-    try:
-        register(at_exit)
-    except RuntimeError:  # the interpreter is already shutting down
-        pass
-
-
-def run_in_background(
-    run: Callable[[], None], name: str, stop: Callable[[], object]
-) -> threading.Thread:
-    """Start a non-daemon thread running *run*; the consumer stops at interpreter exit.
-
-    *run* must store its own error (``stop()`` re-raises it); here it is only
-    logged, so that it does not go to ``threading.excepthook`` as well.
-    """
-
-    def target() -> None:
-        try:
-            run()
-        except BaseException:
-            log.exception("keyedpool: consumer thread %s stopped with an error", name)
-
-    thread = threading.Thread(target=target, name=name, daemon=False)
-    stop_at_exit(stop)
-    thread.start()
-    return thread
-
-
-def valid_key(key: object) -> Key | None:
-    """*key* if it is a valid key or ``None``; else log an error and return ``None``."""
-    try:
-        check_key(key)
-    except TypeError:
-        log.error("keyedpool: %r is not a key (str, bytes, int or None); the message "
-                  "runs without one (no order kept for it)", key)
-        return None
-    return key  # type: ignore[return-value]
-
-
-def check_handler(handler: object) -> None:
-    """Raise TypeError unless *handler* is callable."""
-    if not callable(handler):
-        raise TypeError(f"handler must be callable, not {type(handler).__name__}")
-
-
-def check_pool(pool: object) -> None:
-    """Raise TypeError unless *pool* is a KeyedPoolExecutor or None."""
-    if pool is not None and not isinstance(pool, KeyedPoolExecutor):
-        raise TypeError(f"pool must be a KeyedPoolExecutor, not {type(pool).__name__}")
-
-
-def check_sharding(
-    shards: object,
-    process_index: object,
-    process_count: object,
-    *,
-    lease_ttl: object,
-    on_rebalance: object,
-) -> bool:
-    """Check the sharding arguments; return True for fixed shards, False for leases.
-
-    Both ``process_index`` and ``process_count`` ``None`` means the processes
-    share the shards through leases (:mod:`keyedpool.contrib._shards`); both
-    given means this process always reads the shards ``s % process_count ==
-    process_index``. Raises TypeError/ValueError for anything else, and for a
-    *lease_ttl* that is not a number of seconds or an *on_rebalance* that is
-    neither callable nor ``None``.
-    """
-    check_positive("shards", shards)
-    check_seconds("lease_ttl", lease_ttl)
-    if on_rebalance is not None and not callable(on_rebalance):
-        raise TypeError("on_rebalance must be callable or None")
-    if process_index is None and process_count is None:
-        return False
-    if process_index is None or process_count is None:
-        raise TypeError(
-            "give both process_index and process_count (fixed shards), or neither "
-            "(the processes share the shards and take over from each other)"
-        )
-    check_positive("process_count", process_count)
-    if isinstance(process_index, bool) or not isinstance(process_index, int):
-        raise TypeError("process_index must be an int")
-    assert isinstance(shards, int) and isinstance(process_count, int)
-    if not 0 <= process_index < process_count:
-        raise ValueError(
-            f"process_index must be in 0..{process_count - 1} (process_count={process_count})"
-        )
-    if process_count > shards:
-        raise ValueError(
-            f"process_count ({process_count}) is more than shards ({shards}): "
-            "some processes would read nothing; use more shards"
-        )
-    return True
-
-
-class _ConsumerBase:
-    """The lifecycle the broker consumers share: run/start once, stop, error, context manager.
-
-    A subclass calls :meth:`_init_lifecycle` in ``__init__`` and provides
-    ``_open`` (set up in the calling thread; raises what is wrong),
-    ``_consume`` (fetch until stopping; opens first if ``_open`` was not
-    called) and ``_finish`` (drain, settle, close; sets ``_stopped``).
-    """
-
-    _handling: KeyedHandling[Any]
-
-    def _init_lifecycle(
-        self, thread_name: str, pool: KeyedPoolExecutor | None, max_workers: int | None
-    ) -> None:
-        self._thread_name = thread_name
-        self._own_pool = pool is None
-        self._pool = (
-            pool
-            if pool is not None
-            else KeyedPoolExecutor(max_workers, thread_name_prefix=thread_name)
-        )
-        self._stopping = threading.Event()
-        self._stopped = threading.Event()
-        self._runner: threading.Thread | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._started = False
-        self._start_lock = threading.Lock()
-
-    # -- the hooks of a subclass --------------------------------------------------
-
-    def _open(self) -> None:
-        raise NotImplementedError
-
-    def _consume(self) -> None:
-        raise NotImplementedError
-
-    def _finish(self) -> None:
-        raise NotImplementedError
-
-    def _finish_unstarted(self) -> None:
-        """Close a consumer that will never run (failed start, or stop before start)."""
-        self._finish()
-
-    def _set_stop_timeout(self, timeout: float | None) -> None:
-        raise NotImplementedError
-
-    def _wake(self) -> None:
-        """Wake up the fetching loop after ``_stopping`` was set."""
-
-    # -- the shared lifecycle -----------------------------------------------------
-
-    def run(self) -> None:
-        with self._start_lock:
-            if self._started:
-                raise RuntimeError("keyedpool: this consumer was already started")
-            self._started = True
-            self._runner = threading.current_thread()
-        self._run()
-
-    def start(self) -> Self:
-        with self._start_lock:
-            if self._started:
-                raise RuntimeError("keyedpool: this consumer was already started")
-            self._started = True
-            try:
-                self._open()
-            except BaseException as exc:
-                self._error = exc
-                self._finish_unstarted()
-                raise
-            self._thread = run_in_background(self._run, self._thread_name, self._stop_at_exit)
-            # So that a stop() right after start() waits for run() to finish.
-            self._runner = self._thread
-        return self
-
-    def _run(self) -> None:
-        try:
-            self._consume()
-        except BaseException as exc:
-            self._error = exc
-            self._stopping.set()
-            raise
-        finally:
-            # Fetching ends only on stop or on an error: either way, stopping.
-            self._stopping.set()
-            self._finish()
-
-    def _stop_at_exit(self) -> None:
-        if not self._stopped.is_set():
-            self.stop()
-
-    def stop(self, timeout: float | None = 30.0, *, wait: bool = True) -> bool:
-        if timeout is not None:
-            check_seconds("timeout", timeout, allow_zero=True)
-        self._set_stop_timeout(timeout)
-        self._stopping.set()
-        self._wake()
-        with self._start_lock:
-            runner = self._runner
-            if runner is None and not self._started:
-                self._started = True  # never runs now
-                self._finish_unstarted()
-        if not wait or runner is None or runner is threading.current_thread():
-            return False
-        self._stopped.wait()
-        if self._error is not None:
-            raise self._error
-        return self._handling.in_flight == 0
-
-    @property
-    def error(self) -> BaseException | None:
-        """The exception that stopped the consumer, if one did (:meth:`stop` raises it too)."""
-        return self._error
-
-    @property
-    def stopping(self) -> bool:
-        """True once :meth:`stop` was called: no more fetching."""
-        return self._stopping.is_set()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    return (mmh3.hash(key_bytes(key), 0, False) * shards) >> 32
