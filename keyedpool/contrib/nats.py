@@ -425,6 +425,10 @@ class NatsConsumer(ShardedConsumer[NatsMessage]):
         #: Owner: the loop thread (others set it with call_soon_threadsafe): there
         #: may be room to fetch again, or the consumer is stopping.
         self._room: asyncio.Event | None = None
+        #: Owner: the loop thread. Messages asked for by fetches and not handed
+        #: over yet: the shards fetch concurrently, and without this they would
+        #: together fetch more than there is room for (filling the pool).
+        self._asked = 0
         #: Written once, on the loop thread, by the first fetching task that fails;
         #: read by the consumer's thread after that task set _stopping.
         self._fetch_error: BaseException | None = None
@@ -617,17 +621,18 @@ class NatsConsumer(ShardedConsumer[NatsMessage]):
             if leases is not None and monotonic() + poll >= leases.valid_until:
                 await asyncio.sleep(poll)  # the heartbeat is late: no fetch past the lease
                 continue
-            room = self._handling.room()
+            room = self._handling.room() - self._asked
             if room <= 0:
                 room_event.clear()
-                if self._handling.room() <= 0 and not self._stopping.is_set():
+                if self._handling.room() <= self._asked and not self._stopping.is_set():
                     with contextlib.suppress(asyncio.TimeoutError):  # noqa: UP041 - 3.10
                         await asyncio.wait_for(room_event.wait(), poll)
                 continue
             reading = sum(1 for s in self._shards if s.reading)
+            count = max(1, min(batch, room // max(reading, 1)))
+            self._asked += count
             try:
-                msgs = await shard.sub.fetch(max(1, min(batch, room // max(reading, 1))),
-                                             timeout=poll)
+                msgs = await shard.sub.fetch(count, timeout=poll)
             except asyncio.TimeoutError:  # noqa: UP041 - nats' too; not TimeoutError on 3.10
                 continue
             except nats.errors.ConnectionClosedError:
@@ -639,13 +644,23 @@ class NatsConsumer(ShardedConsumer[NatsMessage]):
                             exc_info=True)
                 await asyncio.sleep(poll)
                 continue
-            for msg in msgs:
-                waiting = self._take(shard, msg)
-                if waiting is not None:
-                    # A shared pool is full: wait for room in another thread, not on
-                    # this loop (it serves every shard, the acks and the heartbeats),
-                    # and keep the shard's order: the next message waits for this one.
-                    await asyncio.get_running_loop().run_in_executor(None, waiting)
+            finally:
+                self._asked -= count
+            left = len(msgs)
+            self._asked += left  # until each is handed over
+            try:
+                for msg in msgs:
+                    waiting = self._take(shard, msg)
+                    if waiting is not None:
+                        # A shared pool is full: wait for room in another thread, not
+                        # on this loop (it serves every shard, the acks and the
+                        # heartbeats), and keep the shard's order: the next message
+                        # waits for this one.
+                        await asyncio.get_running_loop().run_in_executor(None, waiting)
+                    left -= 1
+                    self._asked -= 1
+            finally:
+                self._asked -= left  # (an error: what is left is not handed over)
 
     def _take(self, shard: _Shard, msg: Msg) -> Callable[[], object] | None:
         """Hand one fetched message over; None, or a blocking call that must finish it."""

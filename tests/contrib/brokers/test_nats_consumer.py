@@ -585,3 +585,35 @@ def test_a_full_shared_pool_does_not_block_the_event_loop(
             assert seen.done.wait(WAIT)
     assert seen.count == 20
     assert _unacked(nats_server, stream) == 0
+
+
+def test_shards_fetching_together_never_ask_for_more_than_there_is_room_for(
+    nats_server: Server, stream: str
+) -> None:
+    # Each shard fetches in a task of its own, concurrently. If each asked for
+    # its share of the room seen when it started, together they would fetch
+    # more than max_in_flight: with max_in_flight equal to the pool's
+    # max_pending (the default), the surplus finds the pool full and has to
+    # wait in another thread (counted as a rejected submit).
+    from keyedpool import KeyedPoolExecutor
+
+    gate = threading.Event()
+    keys = [f"key-{i}" for i in range(40)]
+    seen = _in_process(expected=len(keys) * 5)
+
+    def handle(message: NatsMessage) -> None:
+        assert gate.wait(WAIT)
+        seen.note_handled(message)
+
+    _publish_small(nats_server, stream, keys, range(5))
+    with KeyedPoolExecutor(2, max_pending=20) as pool:
+        consumer = NatsConsumer(_url(nats_server), stream, handle, shards=SHARDS, pool=pool)
+        with consumer:
+            try:
+                wait_until(lambda: consumer.stats().in_flight == 20)  # full
+            finally:
+                gate.set()
+            assert seen.done.wait(WAIT)
+        assert pool.stats().rejected == 0
+    assert consumer.stats().received == len(keys) * 5
+    assert _unacked(nats_server, stream) == 0
