@@ -86,6 +86,7 @@ def dispatch(pool: Pool) -> None:
                 holds.back(returns, ready)
                 holds.due(ready)
                 holds.sort(tasks, ready)
+            cancelling = closing_now == "cancel" and closing != "cancel"
             if closing_now is not None and closing_now != closing:
                 closing = closing_now
                 ended = holds.close(closing, ready)
@@ -100,6 +101,8 @@ def dispatch(pool: Pool) -> None:
                     place(pool, ready)
                 else:
                     affinity.place(ready)
+            if cancelling:
+                pool.cancel_was_routed()  # shutdown(cancel_futures=True) waits for this
             if holds.busy() or holding:
                 pool.held(holds.parked, holds.held)  # for stats()
                 holding = holds.busy()

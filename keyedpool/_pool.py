@@ -195,6 +195,13 @@ class Pool:
         #: cancelled, see _holds.Holds.close), ``"cancel"`` for
         #: ``shutdown(cancel_futures=True)``; None otherwise.
         self.closing: str | None = None
+        #: Set by the dispatcher once it has seen ``closing == "cancel"`` and
+        #: routed what it had (or once it exited); ``cancel_routed_now`` is its
+        #: condition. shutdown(cancel_futures=True) waits for it, then cancels
+        #: what is queued: the dispatcher itself may go on for as long as a
+        #: task with retries runs, and shutdown(wait=False) must not.
+        self.cancel_routed = False
+        self.cancel_routed_now = threading.Condition(self.lock)
         #: key -> its latest task submitted with ``replace=True`` that has not
         #: ended (each one cancels the one before it).
         self.latest: dict[Key, Task] = {}
@@ -833,8 +840,8 @@ class Pool:
 
     def _cancel_queued(self, dispatcher: threading.Thread | None) -> None:
         # Cancel at once, so futures show it when shutdown() returns. First let
-        # the dispatcher route what is left (it never blocks, and it exits right
-        # after); then every queued task is reachable. Tasks that a worker starts
+        # the dispatcher route what is left and cancel what it holds (it never
+        # blocks); then every queued task is reachable. Tasks that a worker starts
         # meanwhile were started before shutdown() returned, as in the
         # standard library.
         with self.lock:
@@ -842,7 +849,9 @@ class Pool:
             self.closing = "cancel"
             self.inbox_ready.notify()
         if dispatcher is not None and dispatcher is not threading.current_thread():
-            dispatcher.join()
+            with self.lock:
+                while not self.cancel_routed:
+                    self.cancel_routed_now.wait()
         with self.unkeyed_lock:
             reachable: list[Task] = list(self.unkeyed)
         for worker in self.workers:
@@ -857,6 +866,12 @@ class Pool:
         with self.lock:
             if self.halt is None:
                 self.halt = CANCELLING
+
+    def cancel_was_routed(self) -> None:
+        """By the dispatcher: it has routed what it had since ``closing`` became "cancel"."""
+        with self.lock:
+            self.cancel_routed = True
+            self.cancel_routed_now.notify_all()
 
     def join(self) -> None:
         """Wait for every thread of the pool to exit (except the caller's own)."""
@@ -882,4 +897,7 @@ def _dispatch(pool: Pool) -> None:
     with pool.lock:
         mine = pool.dispatcher is threading.current_thread()
     if mine:
-        dispatch(pool)
+        try:
+            dispatch(pool)
+        finally:
+            pool.cancel_was_routed()  # nothing more will be routed

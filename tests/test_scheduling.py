@@ -255,6 +255,37 @@ def test_cancel_futures_does_not_retry_a_running_attempt() -> None:
     assert pool.stats().pending == 0
 
 
+def test_shutdown_without_wait_returns_while_a_task_with_retries_runs() -> None:
+    # shutdown(wait=False, cancel_futures=True) must return at once, as the
+    # standard library's does, even while a task with retries runs: the pool
+    # holds its key until it is resolved, which must not hold up the caller.
+    started, release, returned = threading.Event(), threading.Event(), threading.Event()
+
+    def slow() -> int:
+        started.set()
+        release.wait(TIMEOUT)
+        return 1
+
+    pool = KeyedPoolExecutor(2)
+    running = pool.submit_with("k", slow, retry=RetryPolicy(attempts=3, backoff=0))
+    behind = pool.submit_with("k", int, ("2",), retry=RetryPolicy(attempts=3))
+    try:
+        assert started.wait(TIMEOUT)
+
+        def close() -> None:
+            pool.shutdown(wait=False, cancel_futures=True)
+            returned.set()
+
+        threading.Thread(target=close).start()
+        assert returned.wait(TIMEOUT), "shutdown(wait=False) waited for the running task"
+        assert behind.cancelled() and not running.done()
+    finally:
+        release.set()
+    assert running.result(TIMEOUT) == 1
+    pool.shutdown(wait=True)
+    assert pool.stats().pending == 0
+
+
 def test_a_bad_retry_policy_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="attempts must be >= 1"):
         RetryPolicy(attempts=0)
@@ -543,6 +574,77 @@ def test_order_per_key_holds_with_delays_retries_and_replacements(
     assert (stats.pending, stats.failed, stats.parked, stats.held_keys) == (0, 0, 0, 0)
     # Kind 2 fails once and kind 3 twice before they succeed.
     assert stats.retries == sum(failures.values())
+
+
+@pytest.mark.usefixtures("fast_switching")
+@pytest.mark.parametrize("round_", range(ROUNDS))
+@pytest.mark.parametrize("routing", ["affinity", "hash"])
+def test_shutdown_without_wait_cancelling_mid_stream_resolves_every_task(
+    routing: str, round_: int
+) -> None:
+    """Submitters keep submitting tasks with retries while another thread shuts down.
+
+    shutdown(wait=False, cancel_futures=True) returns while tasks still run;
+    then every future resolves (ran, or cancelled: none is lost or left
+    pending), no task of a key overlapped another, and each submitter's tasks
+    of a key that ran, ran in its submit order.
+    """
+    keys = [f"k{i}" for i in range(5)]
+    lock = threading.Lock()
+    ran: dict[str, list[tuple[int, int]]] = {k: [] for k in keys}
+    active = dict.fromkeys(keys, 0)
+    overlaps: list[str] = []
+    futures: list[Any] = []
+    policy = RetryPolicy(attempts=3, backoff=0.0002)
+    go = threading.Barrier(5)
+
+    def call(key: str, who: int, seq: int, calls: list[int]) -> None:
+        with lock:
+            active[key] += 1
+            overlaps.extend([key] if active[key] > 1 else [])
+        try:
+            calls[0] += 1
+            if seq % 3 == 0 and calls[0] == 1:
+                raise ValueError("retry me")
+            with lock:
+                ran[key].append((who, seq))
+        finally:
+            with lock:
+                active[key] -= 1
+
+    pool = KeyedPoolExecutor(3, routing=routing)
+
+    def submitter(who: int) -> None:
+        go.wait(TIMEOUT)
+        for seq in range(300):
+            key = keys[(seq + who) % len(keys)]
+            try:
+                future = pool.submit_with(key, call, (key, who, seq, [0]), retry=policy)
+            except RuntimeError:
+                return  # shut down
+            with lock:
+                futures.append(future)
+
+    threads = [threading.Thread(target=submitter, args=(who,)) for who in range(4)]
+    for thread in threads:
+        thread.start()
+    go.wait(TIMEOUT)
+    wait_until(lambda: len(futures) >= 100)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for thread in threads:
+        thread.join(TIMEOUT)
+    done, not_done = wait(futures, timeout=TIMEOUT)
+    assert not not_done
+    pool.shutdown(wait=True)
+    assert not overlaps
+    for key in keys:
+        for who in range(4):
+            mine = [seq for w, seq in ran[key] if w == who]
+            assert mine == sorted(mine), (key, who)
+    assert all(f.cancelled() or f.result(0) is None for f in futures)
+    stats = pool.stats()
+    assert stats.pending == 0
+    assert stats.submitted == len(futures) == stats.completed + stats.cancelled
 
 
 @pytest.mark.parametrize("retry", [None, RetryPolicy(attempts=2, backoff=0)])

@@ -69,8 +69,10 @@ class Consumer(Generic[M]):
         self._handler = handler
         self._key: str | Callable[[Any], object] = key
         self._own_pool = opts.pool is None
-        self._pool = opts.pool or KeyedPoolExecutor(
-            opts.max_workers, thread_name_prefix=thread_name
+        self._pool = (
+            opts.pool
+            if opts.pool is not None
+            else KeyedPoolExecutor(opts.max_workers, thread_name_prefix=thread_name)
         )
         on_redelivered = opts.on_redelivered
         self._handling: KeyedHandling[M] = KeyedHandling(
@@ -96,7 +98,8 @@ class Consumer(Generic[M]):
         #: When stop() gives up waiting (monotonic), or None: no limit. Written
         #: by stop() before it sets _stopping; read after seeing _stopping.
         self._deadline: float | None = None
-        #: Written once by the consumer's thread before _stopped is set.
+        #: The first error; written by whichever thread runs _open/_run/_finish
+        #: (one at a time), before _stopped is set; read after _stopped.
         self._error: BaseException | None = None
         #: Owner: _start_lock until the consumer's thread starts, then that thread.
         self._opened = False
@@ -310,28 +313,42 @@ class Consumer(Generic[M]):
         self._finish()
 
     def _finish(self) -> None:
+        drained = False
         try:
-            self._stop_fetching()
-            deadline = self._deadline
-            timeout = None if deadline is None else max(0.0, deadline - monotonic())
-            every = self.options.poll_timeout
-            if not self._handling.drain(timeout, every=every, meanwhile=self._while_draining):
-                log.warning(
-                    "keyedpool: %d messages still in flight at stop; they stay unacked "
-                    "and the broker delivers them again",
-                    self._handling.in_flight,
-                )
-            self._after_drain()
-        finally:
             try:
-                self._handling.close()
-                self._close()
+                self._stop_fetching()
+                deadline = self._deadline
+                timeout = None if deadline is None else max(0.0, deadline - monotonic())
+                every = self.options.poll_timeout
+                drained = self._handling.drain(
+                    timeout, every=every, meanwhile=self._while_draining
+                )
+                if not drained:
+                    log.warning(
+                        "keyedpool: %d messages still in flight at stop; they stay unacked "
+                        "and the broker delivers them again",
+                        self._handling.in_flight,
+                    )
+                self._after_drain()
             finally:
-                if self._own_pool:
-                    # After a stop timeout the messages not started yet are not
-                    # handled here: they were not acked, the broker has them.
-                    self._pool.shutdown(wait=True, cancel_futures=True)
-                self._stopped.set()
+                try:
+                    self._handling.close()
+                    self._close()
+                finally:
+                    if self._own_pool:
+                        # After a stop timeout the messages not started yet are not
+                        # handled here (they were not acked: the broker has them),
+                        # and stop() does not wait for the handlers still running:
+                        # their acks go nowhere, so the broker has those too.
+                        self._pool.shutdown(wait=drained, cancel_futures=True)
+        except BaseException as exc:
+            # So that stop() raises it too (a final commit that failed, say),
+            # unless an earlier error stopped the consumer.
+            if self._error is None:
+                self._error = exc
+            raise
+        finally:
+            self._stopped.set()
 
 
 class ShardedConsumer(Consumer[M]):
