@@ -32,7 +32,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 from keyedpool import Key
 
 from .consumer import Consumer, ConsumerOptions, ConsumerStats, DeadLetter, Default, RetryPolicy
-from .consumer._engine import call_hook
+from .consumer._handling import call_hook
 from .consumer._options import check_seconds
 
 if TYPE_CHECKING:

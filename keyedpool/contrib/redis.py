@@ -205,12 +205,15 @@ class RedisMessage:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The field *name* as a ``str`` (decoded as UTF-8), or *default* if it is missing."""
-        value = self.fields.get(name)
-        if value is None:
-            value = self.fields.get(name.encode())
+        value = self._field(name)
         if value is None:
             return default
         return value.decode() if isinstance(value, bytes) else str(value)
+
+    def _field(self, name: str) -> Any:
+        # The field as the client returned it, its name str or bytes (None: missing).
+        value = self.fields.get(name)
+        return self.fields.get(name.encode()) if value is None else value
 
 
 class RedisConsumer(ShardedConsumer[RedisMessage]):
@@ -446,9 +449,7 @@ class RedisConsumer(ShardedConsumer[RedisMessage]):
         return dead_letter_stream(self._stream)
 
     def _named_key(self, message: RedisMessage, name: str) -> object:
-        key = message.fields.get(name)
-        if key is None:
-            key = message.fields.get(name.encode())
+        key = message._field(name)
         if isinstance(key, bytes):
             with contextlib.suppress(UnicodeDecodeError):
                 key = key.decode()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from keyedpool import Key, KeyedPoolExecutor
 
-from ._handling import ConsumerStats, KeyedHandling
+from ._handling import ConsumerStats, KeyedHandling, call_hook
 from ._options import ConsumerOptions, Default, check_key, check_positive, check_seconds
 from ._shards import LeaseStore, ShardLeases, new_token
 
@@ -487,14 +487,6 @@ def read_key(
     """
     value = named_key(message, key) if isinstance(key, str) else key(public)
     return check_key(value)
-
-
-def call_hook(hook: Callable[..., object], *args: object) -> None:
-    """``hook(*args)``; an error it raises is logged."""
-    try:
-        hook(*args)
-    except Exception:
-        log.exception("keyedpool: a consumer hook raised")
 
 
 def stop_at_exit(stop: Callable[[], object]) -> None:

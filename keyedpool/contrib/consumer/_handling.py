@@ -298,7 +298,7 @@ class KeyedHandling(Generic[M]):
             self._unaccept(item, redelivered)
             return False
         if redelivered and self._on_redelivered is not None:
-            self._call_hook(self._on_redelivered, message)
+            call_hook(self._on_redelivered, message)
         return True
 
     def dispatch_dead(
@@ -325,7 +325,7 @@ class KeyedHandling(Generic[M]):
         with self._lock:
             self._duplicates += 1
         if self._on_redelivered is not None:
-            self._call_hook(self._on_redelivered, message)
+            call_hook(self._on_redelivered, message)
 
     def drain(
         self,
@@ -523,7 +523,7 @@ class KeyedHandling(Generic[M]):
                 self._dead += 1
             was_full = self._let_go(item)
         if was_full and self._on_room is not None:
-            self._call_hook(self._on_room)
+            call_hook(self._on_room)
 
     def _let_go(self, item: _Item[M]) -> bool:
         # With _lock held: *item* is no longer in flight. Returns whether the
@@ -549,14 +549,15 @@ class KeyedHandling(Generic[M]):
                 return
             was_full = self._let_go(item)
         if was_full and self._on_room is not None:
-            self._call_hook(self._on_room)
+            call_hook(self._on_room)
 
-    @staticmethod
-    def _call_hook(hook: Callable[..., object], *args: object) -> None:
-        try:
-            hook(*args)
-        except Exception:
-            log.exception("keyedpool: a consumer hook raised")
+
+def call_hook(hook: Callable[..., object], *args: object) -> None:
+    """``hook(*args)``; an error it raises is logged."""
+    try:
+        hook(*args)
+    except Exception:
+        log.exception("keyedpool: a consumer hook raised")
 
 
 def shard_of(key: Key, shards: int) -> int:
