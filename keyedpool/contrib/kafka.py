@@ -189,6 +189,7 @@ class KafkaConsumer(Consumer[_Delivery]):
                          options=options, args=args)
         self._config: dict[str, Any] = {"auto.offset.reset": "earliest", **config}
         next_protocol = str(config.get("group.protocol", "")).lower() == "consumer"
+        self._classic = not next_protocol
         if not next_protocol:  # (KIP-848 refuses it: its assignors run on the broker)
             self._config.setdefault("partition.assignment.strategy", "cooperative-sticky")
         # Incremental rebalancing hands the callbacks only the partitions that
@@ -406,14 +407,37 @@ class KafkaConsumer(Consumer[_Delivery]):
         consumer, self._consumer = self._consumer, None
         try:
             if consumer is not None:
-                # Revokes the rest (drained and committed: nothing to do) and leaves
-                # the group, so that the others take over at once.
-                consumer.close()
+                self._leave_group(consumer)
+                consumer.close()  # leaves the group: the others take over at once
         finally:
             with self._producer_lock:
                 producer = self._producer
             if producer is not None:
                 producer.flush(10)
+
+    def _leave_group(self, consumer: KafkaClient) -> None:
+        # Unsubscribe and serve the rebalance callbacks here until the group is
+        # left, then close(). librdkafka runs a closing consumer's callbacks inside
+        # close(), and an assignment that arrives then (a join was on its way) can
+        # leave the revoke callback's unassign waiting for an answer that never
+        # comes: close() hangs. (Everything is drained and committed, so the
+        # revoke callback has nothing to wait for; a message fetched meanwhile is
+        # dropped, uncommitted, for the partition's next owner.) The classic
+        # protocol clears the member id once it has left; KIP-848's keeps it.
+        now = time.monotonic()
+        deadline = max(self._cut(now + self._revoke_timeout), now + self.options.poll_timeout)
+        try:
+            consumer.unsubscribe()
+            while consumer.assignment() or (self._classic and consumer.memberid()):
+                if time.monotonic() >= deadline:
+                    log.warning("keyedpool kafka consumer: still in the group after "
+                                "revoke_timeout (%s s) or stop's timeout; closing anyway",
+                                self._revoke_timeout)
+                    break
+                consumer.consume(self.options.batch, self.options.poll_timeout)
+        except KafkaException as exc:  # close() still leaves the group
+            log.warning("keyedpool kafka consumer: leaving the group failed: %s",
+                        _error_of(exc))
 
     def _wake(self) -> None:
         self._wakeup.set()
