@@ -206,8 +206,6 @@ class KafkaConsumer(Consumer[_Delivery]):
         self._user_on_assign, self._user_on_revoke = on_assign, on_revoke
         self._commit_interval, self._revoke_timeout = float(commit_interval), float(revoke_timeout)
         self._resume_at = self._handling.max_in_flight // 2
-        #: Finished messages: workers append, the polling thread pops (deque ops are atomic).
-        self._finished: deque[_Delivery] = deque()
         #: Set by workers (a message finished) and by stop(); the polling thread waits on it.
         self._wakeup = threading.Event()
         #: Owner of these three: the polling thread (the rebalance callbacks run on it).
@@ -271,7 +269,7 @@ class KafkaConsumer(Consumer[_Delivery]):
         poll, batch = self.options.poll_timeout, self.options.batch
         next_commit = time.monotonic() + self._commit_interval
         while not self._stopping.is_set():
-            self._collect()
+            self._flush_acks()
             if (now := time.monotonic()) >= next_commit:
                 error = self._commit(consumer, synchronous=False)
                 if error is not None:  # sent again next time; a crash first repeats them
@@ -307,13 +305,7 @@ class KafkaConsumer(Consumer[_Delivery]):
             if state is None or offset is None:
                 continue  # not ours any more: its new owner fetches it
             self._receive(_Delivery(message, state, offset))
-            state.add(offset)  # _collect finishes on this thread: it cannot overtake this
-
-    def _collect(self) -> None:
-        """Apply finished messages to their partitions' offsets."""
-        while self._finished:
-            delivery = self._finished.popleft()
-            delivery.partition.finish(delivery.offset)
+            state.add(offset)  # finished on this thread (_send_acks): it cannot overtake this
 
     def _pause(self, consumer: KafkaClient, paused: bool) -> None:
         if assignment := consumer.assignment():
@@ -326,7 +318,7 @@ class KafkaConsumer(Consumer[_Delivery]):
 
         A synchronous commit fails if it is refused for any partition.
         """
-        self._collect()
+        self._flush_acks()
         chosen = self._partitions.values() if states is None else states
         offsets = [tp for tp in (state.to_commit() for state in chosen) if tp is not None]
         if not offsets:
@@ -364,7 +356,7 @@ class KafkaConsumer(Consumer[_Delivery]):
         while True:
             self._wakeup.clear()
             idle = self._handling.in_flight == 0  # then nothing more will finish
-            self._collect()
+            self._flush_acks()
             done = all(state.in_flight == 0 for state in states)
             left = self._cut(deadline) - time.monotonic()
             if done or idle or left <= 0:
@@ -394,9 +386,6 @@ class KafkaConsumer(Consumer[_Delivery]):
         if self._consumer is not None:
             self._pause(self._consumer, True)
 
-    def _while_draining(self) -> None:
-        self._collect()
-
     def _after_drain(self) -> None:
         if self._consumer is not None:
             error = self._commit(self._consumer, synchronous=True)
@@ -423,7 +412,8 @@ class KafkaConsumer(Consumer[_Delivery]):
         # comes: close() hangs. (Everything is drained and committed, so the
         # revoke callback has nothing to wait for; a message fetched meanwhile is
         # dropped, uncommitted, for the partition's next owner.) The classic
-        # protocol clears the member id once it has left; KIP-848's keeps it.
+        # protocol clears the member id once it has left the group; with KIP-848's
+        # (group.protocol=consumer, not tried here) only the assignment is awaited.
         now = time.monotonic()
         deadline = max(self._cut(now + self._revoke_timeout), now + self.options.poll_timeout)
         try:
@@ -458,7 +448,7 @@ class KafkaConsumer(Consumer[_Delivery]):
     def _on_revoke(self, consumer: KafkaClient, partitions: list[TopicPartition],
                    lost: bool = False) -> None:
         try:
-            self._collect()  # so that the hook sees what is still unfinished
+            self._flush_acks()  # so that the hook sees what is still unfinished
             if self._user_on_revoke is not None:
                 call_hook(self._user_on_revoke, partitions)
             states = [state for state in (self._partitions.get((tp.topic, tp.partition))
@@ -492,9 +482,13 @@ class KafkaConsumer(Consumer[_Delivery]):
 
     # -- what the engine calls on the workers ------------------------------------
 
-    def _ack(self, delivery: _Delivery, dead: bool) -> None:
-        self._finished.append(delivery)  # the polling thread commits it
-        self._wakeup.set()
+    def _send_acks(self, batch: list[tuple[_Delivery, bool]]) -> None:
+        # On the polling thread: the commit position moves past finished messages.
+        for delivery, _ in batch:
+            delivery.partition.finish(delivery.offset)
+
+    def _acks_waiting(self) -> None:
+        self._wakeup.set()  # a revoke may be waiting for it
 
     def _write_dead_letter(self, delivery: _Delivery, error: BaseException,
                            destination: str) -> None:

@@ -355,11 +355,9 @@ class _Shard:
         #: current fetch (the task only reads it); the task, while one runs.
         self.reading = False
         self.fetching: concurrent.futures.Future[None] | None = None
-        #: Owner: NatsConsumer._acks_lock. Acks sent to the loop and not written yet.
-        self.acks = 0
-        #: Owner: the loop thread (the consumer's thread only tests it for emptiness).
-        #: stream_seq -> (message, when its last sign of life was sent); and recently
-        #: settled stream_seqs, oldest first, to drop late copies of them.
+        #: Owner: the loop thread. stream_seq -> (message, when its last sign of
+        #: life was sent), until its ack is sent; and recently acked stream_seqs,
+        #: oldest first, to drop late copies of them.
         self.in_flight: dict[int, tuple[NatsMessage, float]] = {}
         self.settled: dict[int, None] = {}
 
@@ -439,9 +437,6 @@ class NatsConsumer(ShardedConsumer[NatsMessage]):
         #: when the next +WPI is due (monotonic).
         self._rebind: set[int] = set()
         self._next_sign_of_life = 0.0
-        #: Owner: _acks_lock (as each _Shard.acks): the acks sent to the loop, not done.
-        self._acks_lock = threading.Lock()
-        self._acks: set[concurrent.futures.Future[None]] = set()
 
     @property
     def shard_subjects(self) -> list[str]:
@@ -460,6 +455,7 @@ class NatsConsumer(ShardedConsumer[NatsMessage]):
     def _consume(self) -> None:
         tick = min(self.options.poll_timeout, self._ack_wait / 3)
         while not self._stopping.is_set():
+            self._flush_acks()
             self._rebalance()
             self._sign_of_life()
             self._stopping.wait(tick)
@@ -503,15 +499,10 @@ class NatsConsumer(ShardedConsumer[NatsMessage]):
             self._stopping.set()  # an error that stops fetching stops the consumer
 
     def _busy(self, shard: int) -> bool:
-        # A fetch running, or messages of the shard in flight here, or acks unsent.
-        # In this order: a message enters each state before it leaves the one
-        # before (fetched, then in flight, then its ack counted before it leaves
-        # in_flight), so no message slips between two of the checks.
-        state = self._shards[shard]
-        if state.busy_fetching() or state.in_flight:
-            return True
-        with self._acks_lock:
-            return state.acks > 0
+        # A fetch running, or messages of the shard received and not acked. In
+        # this order: a fetched message is counted (by _receive, or by _take for
+        # a copy to ack) before its fetching task ends, so none slips between.
+        return self._shards[shard].busy_fetching() or super()._busy(shard)
 
     def _sign_of_life(self) -> None:
         if monotonic() >= self._next_sign_of_life:
@@ -529,12 +520,6 @@ class NatsConsumer(ShardedConsumer[NatsMessage]):
     def _while_draining(self) -> None:
         self._sign_of_life()  # a long drain must not let ack_wait expire either
         super()._while_draining()
-
-    def _after_drain(self) -> None:
-        with self._acks_lock:
-            pending = list(self._acks)
-        concurrent.futures.wait(pending, timeout=10.0)
-        super()._after_drain()
 
     def _close(self) -> None:
         if self._loop is None:
@@ -669,10 +654,11 @@ class NatsConsumer(ShardedConsumer[NatsMessage]):
         if seq in shard.in_flight or seq in shard.settled:
             # A copy of a message we hold (or just acked): JetStream redelivered it.
             held = shard.in_flight.get(seq)
-            self._handling.note_duplicate(
-                held[0] if held else self._message(shard, msg, redelivered=True))
-            if held is None:
-                self._submit_ack(shard, msg.ack())
+            copy = self._message(shard, msg, redelivered=True)
+            self._handling.note_duplicate(held[0] if held else copy)
+            if held is None:  # acked already: ack the copy too, with the next batch
+                self._acks.received(shard.index)
+                self._acks.add(copy, False, shard.index)
             return None
         message = self._message(shard, msg, redelivered=redelivered)
         shard.in_flight[seq] = (message, monotonic())
@@ -697,13 +683,22 @@ class NatsConsumer(ShardedConsumer[NatsMessage]):
                     except Exception:
                         log.debug("keyedpool: +WPI failed", exc_info=True)
 
-    async def _settled(self, message: NatsMessage, dead: bool) -> None:
-        shard = self._shards[message.shard]
-        shard.in_flight.pop(message.stream_seq, None)
-        shard.settled[message.stream_seq] = None
-        while len(shard.settled) > 2 * self._handling.max_in_flight + 1000:
-            del shard.settled[next(iter(shard.settled))]  # the oldest
-        await (message._msg.term() if dead else message._msg.ack())  # term: never again
+    async def _ack_all(self, batch: list[tuple[NatsMessage, bool]]) -> None:
+        failed = 0
+        for message, dead in batch:
+            shard = self._shards[message.shard]
+            shard.in_flight.pop(message.stream_seq, None)
+            shard.settled[message.stream_seq] = None
+            while len(shard.settled) > 2 * self._handling.max_in_flight + 1000:
+                del shard.settled[next(iter(shard.settled))]  # the oldest
+            try:
+                await (message._msg.term() if dead else message._msg.ack())  # term: never again
+            except Exception as exc:  # not sent again: JetStream delivers it again
+                failed += 1
+                log.warning("keyedpool: ack of %s failed: %r (it will come again)",
+                            self._describe(message), exc)
+        if failed:
+            self._handling.note_ack_errors(failed)
 
     @staticmethod
     async def _close_connection(nc: Client) -> None:
@@ -713,34 +708,15 @@ class NatsConsumer(ShardedConsumer[NatsMessage]):
             await nc.flush()  # the acks are written before the connection goes
         await nc.close()
 
-    # -- on the workers -----------------------------------------------------------
-
-    def _ack(self, message: NatsMessage, dead: bool) -> None:
-        self._submit_ack(self._shards[message.shard], self._settled(message, dead))
-
-    def _submit_ack(self, shard: _Shard, coro: Coroutine[Any, Any, None]) -> None:
-        # Fire and forget: a worker never waits for the loop. Counted before it is
-        # sent, so that the shard stays busy until the ack is written.
+    def _send_acks(self, batch: list[tuple[NatsMessage, bool]]) -> None:
+        # On the consumer's thread, every tick and while stopping.
         assert self._loop is not None
-        with self._acks_lock:
-            shard.acks += 1
-        try:
-            future = self._loop.submit(coro)
-        except BaseException:
-            with self._acks_lock:
-                shard.acks -= 1
-            raise
-        with self._acks_lock:
-            self._acks.add(future)
-        future.add_done_callback(lambda done: self._ack_done(shard, done))
+        self._loop.call(self._ack_all(batch), 10.0)
 
-    def _ack_done(self, shard: _Shard, future: concurrent.futures.Future[None]) -> None:
-        with self._acks_lock:
-            self._acks.discard(future)
-            shard.acks -= 1
-        if not future.cancelled() and future.exception() is not None:
-            log.warning("keyedpool: ack failed: %r (the message will come again)",
-                        future.exception())
+    def _shard(self, message: NatsMessage) -> int:
+        return message.shard
+
+    # -- on the workers -----------------------------------------------------------
 
     def _write_dead_letter(self, message: NatsMessage, error: BaseException,
                            destination: str) -> None:

@@ -39,7 +39,6 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -264,12 +263,6 @@ class RedisConsumer(ShardedConsumer[RedisMessage]):
         #: Owner: the consumer's thread. Shards whose pending entries are being
         #: taken over: shard -> XAUTOCLAIM cursor.
         self._claiming: dict[int, str] = {}
-        #: Owner: _acks_lock. Acked entries not sent to Redis yet (the consumer's
-        #: thread sends them in batches), and per shard the entries fetched and
-        #: not XACKed yet: a shard is handed over only at 0.
-        self._acks_lock = threading.Lock()
-        self._acks: list[tuple[str, str]] = []
-        self._unsettled = [0] * self._shard_count
 
     @property
     def shard_streams(self) -> list[str]:
@@ -295,7 +288,7 @@ class RedisConsumer(ShardedConsumer[RedisMessage]):
     def _consume(self) -> None:
         poll = self.options.poll_timeout
         while not self._stopping.is_set():
-            self._send_acks()
+            self._flush_acks()
             readable, gained = self._tick()
             for shard in gained - self._claiming.keys():
                 self._claiming[shard] = "0-0"  # its pending entries come first
@@ -388,53 +381,25 @@ class RedisConsumer(ShardedConsumer[RedisMessage]):
         self, stream: str, entry_id: str, fields: Mapping[Any, Any], *, redelivered: bool
     ) -> None:
         shard = self._shard_of[stream]
-        with self._acks_lock:
-            self._unsettled[shard] += 1
         self._receive(
             RedisMessage(stream, shard, entry_id, fields, key=None, redelivered=redelivered),
             redelivered=redelivered,
         )
 
-    def _send_acks(self) -> None:
-        with self._acks_lock:
-            acks, self._acks = self._acks, []
-        if not acks:
-            return
+    def _send_acks(self, batch: list[tuple[RedisMessage, bool]]) -> None:
+        # One XACK per shard stream, in one round trip.
         by_stream: dict[str, list[str]] = {}
-        for stream, entry_id in acks:
-            by_stream.setdefault(stream, []).append(entry_id)
-        try:
-            with self._client.pipeline(transaction=False) as pipe:
-                for stream, ids in by_stream.items():
-                    pipe.xack(stream, self._group, *ids)
-                pipe.execute()
-        except redis.RedisError:
-            log.warning("keyedpool: XACK failed; trying again", exc_info=True)
-            with self._acks_lock:
-                self._acks[:0] = acks
-            return
-        with self._acks_lock:
+        for message, _ in batch:
+            by_stream.setdefault(message.stream, []).append(message.id)
+        with self._client.pipeline(transaction=False) as pipe:
             for stream, ids in by_stream.items():
-                self._unsettled[self._shard_of[stream]] -= len(ids)
+                pipe.xack(stream, self._group, *ids)
+            pipe.execute()
 
-    def _busy(self, shard: int) -> bool:
-        with self._acks_lock:
-            return self._unsettled[shard] > 0
-
-    def _while_draining(self) -> None:
-        self._send_acks()
-        super()._while_draining()
-
-    def _after_drain(self) -> None:
-        self._send_acks()
-        super()._after_drain()
+    def _shard(self, message: RedisMessage) -> int:
+        return message.shard
 
     # -- on the workers ---------------------------------------------------------------
-
-    def _ack(self, message: RedisMessage, dead: bool) -> None:
-        # Batched: the consumer's thread sends them with one XACK per shard.
-        with self._acks_lock:
-            self._acks.append((message.stream, message.id))
 
     def _write_dead_letter(
         self, message: RedisMessage, error: BaseException, destination: str

@@ -2,11 +2,13 @@
 
 A broker adapter subclasses :class:`Consumer` (or :class:`ShardedConsumer`,
 for brokers whose processes share shards through leases) and only talks to its
-broker: it fetches messages and hands each to :meth:`Consumer._receive`, acks
-them in :meth:`Consumer._ack`, writes dead letters in
+broker: it fetches messages and hands each to :meth:`Consumer._receive`, sends
+batches of acks in :meth:`Consumer._send_acks` when it calls
+:meth:`Consumer._flush_acks`, writes dead letters in
 :meth:`Consumer._write_dead_letter`, and keeps its leases. The handling in
 between (order per key, retries, dead letters, backpressure, draining) is the
-engine's: :class:`~keyedpool.contrib.consumer.KeyedHandling`.
+engine's: :class:`~keyedpool.contrib.consumer.KeyedHandling`; the acks wait in
+:class:`~keyedpool.contrib.consumer._acks.Acks`, counted per shard.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from keyedpool import Key, KeyedPoolExecutor
 
+from ._acks import Acks
 from ._handling import ConsumerStats, KeyedHandling, call_hook
 from ._options import ConsumerOptions, Default, check_key, check_positive, check_seconds
 from ._shards import LeaseStore, ShardLeases, new_token
@@ -57,6 +60,7 @@ class Consumer(Generic[M]):
         thread_name: str,
         options: ConsumerOptions | None,
         args: Mapping[str, object],
+        shards: int = 1,
     ) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
@@ -78,7 +82,7 @@ class Consumer(Generic[M]):
         self._handling: KeyedHandling[M] = KeyedHandling(
             self._handle,
             pool=self._pool,
-            ack=self._ack,
+            ack=self._settled,
             dead_letter=self._dead_letter,
             retry=opts.retry,
             max_in_flight=opts.max_in_flight,
@@ -87,6 +91,9 @@ class Consumer(Generic[M]):
             ),
             on_room=self._room_freed,
         )
+        #: Acks of settled messages until the adapter sends them, and per shard
+        #: (see _shard) the messages received and not acked (thread-safe).
+        self._acks: Acks[M] = Acks(shards, self._acks_waiting)
         self._thread_name = thread_name
         # Set once each; Events carry their own locks.
         self._stopping = threading.Event()
@@ -201,9 +208,20 @@ class Consumer(Generic[M]):
         """Fetch until ``_stopping`` is set, handing each message to :meth:`_receive`."""
         raise NotImplementedError
 
-    def _ack(self, message: M, dead: bool) -> None:
-        """On a worker: *message* is settled (``dead``: it was dead-lettered). Ack it."""
+    def _send_acks(self, batch: list[tuple[M, bool]]) -> None:
+        """Ack each settled ``(message, dead)`` (``dead``: it was dead-lettered), in order.
+
+        Called by :meth:`_flush_acks`, on the adapter's thread. If it raises,
+        the whole batch is sent again at the next flush.
+        """
         raise NotImplementedError
+
+    def _shard(self, message: M) -> int:
+        """The shard *message* came from (its acks are counted per shard)."""
+        return 0
+
+    def _acks_waiting(self) -> None:
+        """On a worker: a message was settled and no ack was waiting before it."""
 
     def _write_dead_letter(self, message: M, error: BaseException, destination: str) -> None:
         """On a worker: write *message* to *destination*; raising makes it try again later."""
@@ -233,9 +251,11 @@ class Consumer(Generic[M]):
 
     def _while_draining(self) -> None:
         """Called every ``poll_timeout`` while the stop waits for the messages in flight."""
+        self._flush_acks()
 
     def _after_drain(self) -> None:
         """Stopping: everything in flight is settled (or the stop timed out); send the acks."""
+        self._flush_acks()
 
     def _close(self) -> None:
         """Stopping, last: close the connection. Called even if an earlier step raised."""
@@ -256,12 +276,46 @@ class Consumer(Generic[M]):
         nothing taken (the caller tries again with ``wait=True``, from a thread
         that may wait); else True.
         """
+        shard = self._shard(message)
+        self._acks.received(shard)  # before a worker can settle it
+        taken = False
         try:
-            key = read_key(self._key, self._public(message), self._named_key, message)
-        except Exception as exc:
-            return self._handling.dispatch_dead(message, exc, redelivered=redelivered, wait=wait)
-        self._set_key(message, key)
-        return self._handling.dispatch(key, message, redelivered=redelivered, wait=wait)
+            try:
+                key = read_key(self._key, self._public(message), self._named_key, message)
+            except Exception as exc:
+                taken = self._handling.dispatch_dead(
+                    message, exc, redelivered=redelivered, wait=wait
+                )
+            else:
+                self._set_key(message, key)
+                taken = self._handling.dispatch(key, message, redelivered=redelivered, wait=wait)
+        finally:
+            if not taken:
+                self._acks.forget(shard)
+        return taken
+
+    def _settled(self, message: M, dead: bool) -> None:
+        # On a worker: the adapter's thread sends the ack with the next batch.
+        self._acks.add(message, dead, self._shard(message))
+
+    def _flush_acks(self) -> None:
+        """Send the acks gathered since the last call as one batch.
+
+        Called by the adapter from the one thread that talks to its broker
+        (never from two threads at once: a failed batch goes back first).
+        """
+        batch = self._acks.take()
+        if not batch:
+            return
+        try:
+            self._send_acks([(message, dead) for message, dead, _ in batch])
+        except Exception:
+            log.warning("keyedpool: could not ack %d messages; trying again", len(batch),
+                        exc_info=True)
+            self._handling.note_ack_errors(len(batch))
+            self._acks.failed(batch)
+        else:
+            self._acks.sent(batch)
 
     def _handle(self, message: M) -> object:
         return self._handler(self._public(message))
@@ -387,7 +441,7 @@ class ShardedConsumer(Consumer[M]):
         self._leases: ShardLeases | None = None
         #: Owner: the consumer's thread. Whether _tick reported the pinned shards.
         self._pinned_told = False
-        super().__init__(handler, args=args, **base)
+        super().__init__(handler, args=args, shards=self._shard_count, **base)
 
     @property
     def shards(self) -> frozenset[int]:
@@ -398,8 +452,8 @@ class ShardedConsumer(Consumer[M]):
         return frozenset() if leases is None else leases.readable
 
     def _busy(self, shard: int) -> bool:
-        """Whether messages of *shard* are in flight here, or their acks not sent yet."""
-        raise NotImplementedError
+        """Whether messages of *shard* are in flight here, or their acks not written yet."""
+        return self._acks.busy(shard)
 
     def _share_shards(self, store: LeaseStore, name: str) -> None:
         """Without pinned shards: take part in sharing them, through *store*."""
@@ -431,10 +485,12 @@ class ShardedConsumer(Consumer[M]):
 
     def _while_draining(self) -> None:
         # Keep the leases of the shards still draining; hand the others over.
+        super()._while_draining()
         if self._leases is not None:
             self._leases.tick(self._busy)
 
     def _after_drain(self) -> None:
+        super()._after_drain()
         if self._leases is not None:
             # Hand the drained shards to the others at once (the rest expire).
             self._leases.leave(self._busy)

@@ -116,7 +116,8 @@ class ConsumerStats:
     in_flight: int
     #: In flight and waiting behind a failed message of their key.
     parked: int
-    #: Acks that raised (the broker will deliver those messages again).
+    #: Acks that could not be written (each failed try counts; they are tried
+    #: again, and a message whose ack never gets through is delivered again).
     ack_errors: int
 
 
@@ -319,6 +320,11 @@ class KeyedHandling(Generic[M]):
             self._unaccept(item, redelivered)
             return False
         return True
+
+    def note_ack_errors(self, count: int) -> None:
+        """Count *count* acks that could not be written (for :meth:`stats`)."""
+        with self._lock:
+            self._ack_errors += count
 
     def note_duplicate(self, message: M) -> None:
         """Count a copy of a message the adapter dropped because it already has it."""

@@ -30,14 +30,18 @@ class MemoryConsumer(Consumer[Message]):
     def __init__(self, messages: list[Message], handler: Any, **options: Any) -> None:
         self.fail_open: BaseException | None = options.pop("fail_open", None)
         self.fail_close: BaseException | None = options.pop("fail_close", None)
+        self.failing_acks: int = options.pop("failing_acks", 0)  # owner: the consumer's thread
         key = options.pop("key", "key")
+        shards = options.pop("shards", 1)
         super().__init__(handler, key=key, key_kind="field", thread_name="keyedpool-memory",
-                         options=None, args=options)
+                         options=None, args=options, shards=shards)
         self._inbox = list(messages)  # owner: the consumer's thread
         self.lock = threading.Lock()
         self.acked: list[tuple[int, bool]] = []  # (id, dead): owner: lock
         self.written: list[tuple[int, str, str]] = []  # (id, destination, error): owner: lock
         self.closed = threading.Event()
+        self.expected_acks = len(messages)
+        self.all_acked = threading.Event()
 
     def _open(self) -> None:
         if self.fail_open is not None:
@@ -45,6 +49,7 @@ class MemoryConsumer(Consumer[Message]):
 
     def _consume(self) -> None:
         while not self._stopping.is_set():
+            self._flush_acks()
             room = self._handling.wait_for_room(self.options.poll_timeout)
             taken, self._inbox = self._inbox[:room], self._inbox[room:]
             for message in taken:
@@ -52,9 +57,17 @@ class MemoryConsumer(Consumer[Message]):
             if not taken:
                 self._stopping.wait(self.options.poll_timeout)
 
-    def _ack(self, message: Message, dead: bool) -> None:
+    def _send_acks(self, batch: list[tuple[Message, bool]]) -> None:
+        if self.failing_acks:
+            self.failing_acks -= 1
+            raise ConnectionError("the broker is away")
         with self.lock:
-            self.acked.append((message["id"], dead))
+            self.acked.extend((message["id"], dead) for message, dead in batch)
+            if len(self.acked) >= self.expected_acks:
+                self.all_acked.set()
+
+    def _shard(self, message: Message) -> int:
+        return int(message.get("shard", 0))
 
     def _write_dead_letter(self, message: Message, error: BaseException, destination: str) -> None:
         with self.lock:
@@ -185,7 +198,7 @@ def test_a_raising_on_dead_letter_hook_is_logged_and_the_message_still_settled(
 
     consumer = MemoryConsumer([{"id": 7, "key": "k"}], handle, max_workers=1,
                               on_dead_letter=hook)
-    consumer._handling._ack = lambda m, d: (MemoryConsumer._ack(consumer, m, d), settled.set())
+    consumer._handling._ack = lambda m, d: (consumer._settled(m, d), settled.set())
     with caplog.at_level(logging.ERROR, logger="keyedpool.contrib"), consumer:
         assert settled.wait(WAIT)
     assert told == [7] and consumer.acked == [(7, True)]
@@ -241,3 +254,40 @@ def test_run_blocks_until_stop_is_called_from_another_thread() -> None:
     assert consumer.stop(WAIT) is True
     runner.join(WAIT)
     assert not runner.is_alive() and consumer.acked == [(0, False)]
+
+
+def test_acks_that_fail_are_sent_again_counted_and_none_is_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    messages = _messages(["a", "b"], 10)
+    seen = Seen(len(messages))
+    consumer = MemoryConsumer(messages, seen.handle, max_workers=2, failing_acks=3)
+    with caplog.at_level(logging.WARNING, logger="keyedpool.contrib"), consumer:
+        assert consumer.all_acked.wait(WAIT)  # the consumer's thread tried again
+    assert sorted(consumer.acked) == sorted((m["id"], False) for m in messages)  # each once
+    assert consumer.failing_acks == 0
+    assert consumer.stats().ack_errors >= 3  # every message of a failed batch counts
+    assert "could not ack" in caplog.text
+
+
+def test_a_shard_counts_its_messages_until_their_acks_are_written() -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def handle(message: Message) -> None:
+        if message["shard"] == 1:
+            started.set()
+            assert release.wait(WAIT)
+
+    messages = [{"id": 0, "key": "a", "shard": 0}, {"id": 1, "key": "b", "shard": 1}]
+    consumer = MemoryConsumer(messages, handle, max_workers=2, shards=2)
+    consumer.start()
+    try:
+        assert started.wait(WAIT)
+        assert consumer._acks.busy(1)  # running
+        release.set()
+    finally:
+        release.set()
+        assert consumer.stop(WAIT)
+    assert sorted(consumer.acked) == [(0, False), (1, False)]
+    assert not consumer._acks.busy(0) and not consumer._acks.busy(1)  # acks written
