@@ -5,7 +5,8 @@ librdkafka only fails that test (the process is killed). Usage::
 
     python kafka_quick_stops.py ROUNDS
 
-Prints one line per round: how many rebalance callbacks ran during the stop.
+Prints one line per round: how many rebalance callbacks ran during the stop,
+and how many of them ran inside librdkafka's ``close()``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,34 @@ from keyedpool.contrib.kafka import KafkaConsumer
 HERE = Path(__file__).parent
 
 
-def one_round() -> int:
+class _Close:
+    """Stands in for the consumer's client: notes when its close() is running."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.closing = False
+
+    def close(self) -> None:
+        self.closing = True
+        try:
+            self._client.close()
+        finally:
+            self.closing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+class WatchedConsumer(KafkaConsumer):
+    """A KafkaConsumer whose client notes when close() runs."""
+
+    def _open(self) -> None:
+        super()._open()
+        self.client = _Close(self._consumer)
+        self._consumer = self.client
+
+
+def one_round() -> tuple[int, int]:
     # A fresh cluster: its first group join ends about when a consumer started
     # at once is stopped, so the assignment often arrives during the stop.
     cluster = subprocess.Popen(
@@ -35,13 +63,18 @@ def one_round() -> int:
             cluster.stdin.write(f"topic {name} 1\n")
             cluster.stdin.flush()
             assert cluster.stdout.readline().strip() == "ok"
-        callbacks: list[Any] = []
+        inside_close: list[bool] = []  # per callback: did it run inside close()?
+
+        def callback(partitions: Any) -> None:
+            inside_close.append(consumer.client.closing)
+
         config = {"bootstrap.servers": bootstrap, "group.id": "quick",
                   "session.timeout.ms": 3000, "heartbeat.interval.ms": 300, "log_level": 3}
-        with KafkaConsumer("t", lambda message: None, config=config,
-                           on_assign=callbacks.append, on_revoke=callbacks.append):
+        consumer = WatchedConsumer("t", lambda message: None, config=config,
+                                   on_assign=callback, on_revoke=callback)
+        with consumer:
             pass
-        return len(callbacks)
+        return len(inside_close), sum(inside_close)
     finally:
         cluster.stdin.close()
         cluster.wait()
@@ -49,4 +82,4 @@ def one_round() -> int:
 
 if __name__ == "__main__":
     for _ in range(int(sys.argv[1])):
-        print(one_round(), flush=True)
+        print(*one_round(), flush=True)
