@@ -206,7 +206,8 @@ class KafkaConsumer(Consumer[_Delivery]):
         self._user_on_assign, self._user_on_revoke = on_assign, on_revoke
         self._commit_interval, self._revoke_timeout = float(commit_interval), float(revoke_timeout)
         self._resume_at = self._handling.max_in_flight // 2
-        #: Set by workers (a message finished) and by stop(); the polling thread waits on it.
+        #: Set when a finished message's ack waits (_acks_waiting) and by stop(); the
+        #: polling thread waits on it (emptying the acks first, so the next one sets it).
         self._wakeup = threading.Event()
         #: Owner of these three: the polling thread (the rebalance callbacks run on it).
         self._partitions: dict[tuple[str, int], _PartitionOffsets] = {}
@@ -280,6 +281,7 @@ class KafkaConsumer(Consumer[_Delivery]):
                     self._pause(consumer, False)
                 else:  # full: fetch nothing, but keep serving rebalances and commits
                     self._wakeup.clear()
+                    self._flush_acks()  # emptied: the next ack sets _wakeup again
                     if handling.in_flight > self._resume_at:
                         self._wakeup.wait(poll)
                     self._take(consumer.consume(batch, 0))
@@ -396,8 +398,10 @@ class KafkaConsumer(Consumer[_Delivery]):
         consumer, self._consumer = self._consumer, None
         try:
             if consumer is not None:
-                self._leave_group(consumer)
-                consumer.close()  # leaves the group: the others take over at once
+                try:
+                    self._leave_group(consumer)
+                finally:
+                    consumer.close()  # leaves the group: the others take over at once
         finally:
             with self._producer_lock:
                 producer = self._producer
@@ -488,7 +492,7 @@ class KafkaConsumer(Consumer[_Delivery]):
             delivery.partition.finish(delivery.offset)
 
     def _acks_waiting(self) -> None:
-        self._wakeup.set()  # a revoke may be waiting for it
+        self._wakeup.set()  # a revoke's drain, or a pause, may be waiting for it
 
     def _write_dead_letter(self, delivery: _Delivery, error: BaseException,
                            destination: str) -> None:

@@ -693,6 +693,8 @@ class NatsConsumer(ShardedConsumer[NatsMessage]):
                 del shard.settled[next(iter(shard.settled))]  # the oldest
             try:
                 await (message._msg.term() if dead else message._msg.ack())  # term: never again
+            except nats.errors.MsgAlreadyAckdError:
+                pass  # by an earlier try of this batch that timed out
             except Exception as exc:  # not sent again: JetStream delivers it again
                 failed += 1
                 log.warning("keyedpool: ack of %s failed: %r (it will come again)",
@@ -707,6 +709,10 @@ class NatsConsumer(ShardedConsumer[NatsMessage]):
         with contextlib.suppress(Exception):
             await nc.flush()  # the acks are written before the connection goes
         await nc.close()
+
+    # (A loop that does not answer in time: concurrent.futures.TimeoutError, which
+    # is not OSError's TimeoutError on 3.10.)
+    _transient_ack_errors = (OSError, concurrent.futures.TimeoutError)
 
     def _send_acks(self, batch: list[tuple[NatsMessage, bool]]) -> None:
         # On the consumer's thread, every tick and while stopping.

@@ -386,6 +386,8 @@ class RedisConsumer(ShardedConsumer[RedisMessage]):
             redelivered=redelivered,
         )
 
+    _transient_ack_errors = (redis.RedisError,)
+
     def _send_acks(self, batch: list[tuple[RedisMessage, bool]]) -> None:
         # One XACK per shard stream, in one round trip.
         by_stream: dict[str, list[str]] = {}

@@ -1,7 +1,7 @@
 """Acks on their way to the broker: batched, and counted per shard until they are written.
 
 A message's ack is not sent by the worker that settled it: workers add it
-here, and the adapter's own thread (the one that talks to the broker) sends
+here, and the consumer's own thread (the one that fetches) sends
 what has gathered as one batch. A shard counts each of its messages from the
 moment the consumer receives it until its ack is written, so that a shard is
 handed to another process only when nothing of it is left here.
@@ -23,8 +23,9 @@ class Acks(Generic[M]):
 
     Args:
         shards: how many shards (partitions, streams...) the messages come from.
-        on_added: called (on the worker) when a message is added to an empty
-            batch: the adapter's thread may want to send it soon.
+        on_added: called (by the thread that adds it, a worker mostly) when a
+            message is added to an empty batch: the consumer's thread may want to
+            send it soon.
     """
 
     def __init__(self, shards: int, on_added: Callable[[], None]) -> None:
@@ -47,7 +48,7 @@ class Acks(Generic[M]):
             self._unacked[shard] -= 1
 
     def add(self, message: M, dead: bool, shard: int) -> None:
-        """On a worker: *message* is settled (``dead``: dead-lettered); ack it soon."""
+        """*message* is settled (``dead``: dead-lettered); ack it soon. Any thread."""
         with self._lock:
             self._waiting.append((message, dead, shard))
             first = len(self._waiting) == 1

@@ -211,8 +211,9 @@ class Consumer(Generic[M]):
     def _send_acks(self, batch: list[tuple[M, bool]]) -> None:
         """Ack each settled ``(message, dead)`` (``dead``: it was dead-lettered), in order.
 
-        Called by :meth:`_flush_acks`, on the adapter's thread. If it raises,
-        the whole batch is sent again at the next flush.
+        Called by :meth:`_flush_acks`, on the consumer's thread. If it raises
+        one of :attr:`_transient_ack_errors`, the whole batch is sent again at
+        the next flush; another error stops the consumer.
         """
         raise NotImplementedError
 
@@ -221,7 +222,11 @@ class Consumer(Generic[M]):
         return 0
 
     def _acks_waiting(self) -> None:
-        """On a worker: a message was settled and no ack was waiting before it."""
+        """A message was settled and no ack was waiting before it (on a worker, mostly)."""
+
+    #: The errors of :meth:`_send_acks` after which the batch is sent again at the
+    #: next flush (a broker briefly away). Any other error stops the consumer.
+    _transient_ack_errors: tuple[type[Exception], ...] = (OSError,)
 
     def _write_dead_letter(self, message: M, error: BaseException, destination: str) -> None:
         """On a worker: write *message* to *destination*; raising makes it try again later."""
@@ -295,25 +300,29 @@ class Consumer(Generic[M]):
         return taken
 
     def _settled(self, message: M, dead: bool) -> None:
-        # On a worker: the adapter's thread sends the ack with the next batch.
+        # On a worker: the consumer's thread sends the ack with the next batch.
         self._acks.add(message, dead, self._shard(message))
 
     def _flush_acks(self) -> None:
         """Send the acks gathered since the last call as one batch.
 
-        Called by the adapter from the one thread that talks to its broker
-        (never from two threads at once: a failed batch goes back first).
+        Called by the adapter from its consumer's thread (never from two
+        threads at once: a failed batch goes back first).
         """
         batch = self._acks.take()
         if not batch:
             return
         try:
             self._send_acks([(message, dead) for message, dead, _ in batch])
-        except Exception:
+        except self._transient_ack_errors:
             log.warning("keyedpool: could not ack %d messages; trying again", len(batch),
                         exc_info=True)
             self._handling.note_ack_errors(len(batch))
             self._acks.failed(batch)
+        except BaseException:
+            self._handling.note_ack_errors(len(batch))
+            self._acks.failed(batch)
+            raise
         else:
             self._acks.sent(batch)
 

@@ -31,6 +31,7 @@ class MemoryConsumer(Consumer[Message]):
         self.fail_open: BaseException | None = options.pop("fail_open", None)
         self.fail_close: BaseException | None = options.pop("fail_close", None)
         self.failing_acks: int = options.pop("failing_acks", 0)  # owner: the consumer's thread
+        self.ack_bug: Exception | None = options.pop("ack_bug", None)
         key = options.pop("key", "key")
         shards = options.pop("shards", 1)
         super().__init__(handler, key=key, key_kind="field", thread_name="keyedpool-memory",
@@ -58,6 +59,8 @@ class MemoryConsumer(Consumer[Message]):
                 self._stopping.wait(self.options.poll_timeout)
 
     def _send_acks(self, batch: list[tuple[Message, bool]]) -> None:
+        if self.ack_bug is not None:
+            raise self.ack_bug
         if self.failing_acks:
             self.failing_acks -= 1
             raise ConnectionError("the broker is away")
@@ -291,3 +294,15 @@ def test_a_shard_counts_its_messages_until_their_acks_are_written() -> None:
         assert consumer.stop(WAIT)
     assert sorted(consumer.acked) == [(0, False), (1, False)]
     assert not consumer._acks.busy(0) and not consumer._acks.busy(1)  # acks written
+
+
+def test_an_ack_error_that_is_not_transient_stops_the_consumer_with_it() -> None:
+    handled = threading.Event()
+    consumer = MemoryConsumer([{"id": 1, "key": "k"}], lambda m: handled.set(), max_workers=1,
+                              ack_bug=TypeError("a bug in _send_acks"))
+    consumer.start()
+    assert handled.wait(WAIT)
+    with pytest.raises(TypeError, match="a bug in _send_acks"):
+        consumer.stop(WAIT)  # (it stopped by itself: stop() waits for that and raises)
+    assert isinstance(consumer.error, TypeError)
+    assert consumer.acked == [] and consumer.stats().ack_errors >= 1
