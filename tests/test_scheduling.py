@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import wait
 from typing import Any
 
@@ -489,13 +490,53 @@ def test_cancelling_asubmit_while_it_waits_for_room_passes_the_room_on() -> None
 # -- everything at once, under hostile thread switching ---------------------------
 
 
-#: Rounds of the test below per routing mode (more with KEYEDPOOL_STRESS_ROUNDS).
+#: Rounds of the tests below per routing mode (more with KEYEDPOOL_STRESS_ROUNDS).
 ROUNDS = max(2, int(os.environ.get("KEYEDPOOL_STRESS_ROUNDS", "60")) // 20)
 
 
-@pytest.mark.usefixtures("fast_switching")
-@pytest.mark.parametrize("round_", range(ROUNDS))
-@pytest.mark.parametrize("routing", ["affinity", "hash"])
+def stress(test: Callable[..., None]) -> Callable[..., None]:
+    """Run *test* ROUNDS times per routing mode, with threads switching as often as possible."""
+    test = pytest.mark.parametrize("routing", ["affinity", "hash"])(test)
+    test = pytest.mark.parametrize("round_", range(ROUNDS))(test)
+    return pytest.mark.usefixtures("fast_switching")(test)
+
+
+class PerKey:
+    """A task body for stress tests: records, per key, which task ran and any overlap."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.lock = threading.Lock()
+        # Owner of these three: lock.
+        self.ran: dict[str, list[tuple[int, int]]] = {k: [] for k in keys}
+        self.active = dict.fromkeys(keys, 0)
+        self.overlaps: list[str] = []
+
+    def call(self, key: str, who: int, seq: int, fail: int, calls: list[int]) -> None:
+        """Task *seq* of submitter *who*: fails its first *fail* calls (counted in *calls*)."""
+        with self.lock:
+            self.active[key] += 1
+            if self.active[key] > 1:
+                self.overlaps.append(key)
+        try:
+            calls[0] += 1
+            if calls[0] <= fail:
+                raise ValueError("retry me")
+            with self.lock:
+                self.ran[key].append((who, seq))
+        finally:
+            with self.lock:
+                self.active[key] -= 1
+
+    def check(self, submitters: int) -> None:
+        """No two tasks of a key overlapped; each submitter's tasks of a key ran in its order."""
+        assert not self.overlaps
+        for key, ran in self.ran.items():
+            for who in range(submitters):
+                mine = [seq for w, seq in ran if w == who]
+                assert mine == sorted(mine), (key, who)
+
+
+@stress
 def test_order_per_key_holds_with_delays_retries_and_replacements(
     routing: str, round_: int
 ) -> None:
@@ -506,26 +547,9 @@ def test_order_per_key_holds_with_delays_retries_and_replacements(
     running or waiting for a retry; nothing was lost; the counts add up.
     """
     keys = [f"k{i}" for i in range(6)]
-    lock = threading.Lock()
-    ran: dict[str, list[tuple[int, int]]] = {k: [] for k in keys}
-    active: dict[str, int] = dict.fromkeys(keys, 0)
-    overlaps: list[str] = []
+    record = PerKey(keys)
+    lock, call, ran = record.lock, record.call, record.ran
     policy = RetryPolicy(attempts=3, backoff=0.0005)
-
-    def call(key: str, who: int, seq: int, fail: int, calls: list[int]) -> None:
-        with lock:
-            active[key] += 1
-            if active[key] > 1:
-                overlaps.append(key)
-        try:
-            calls[0] += 1
-            if calls[0] <= fail:
-                raise ValueError("retry me")
-            with lock:
-                ran[key].append((who, seq))
-        finally:
-            with lock:
-                active[key] -= 1
 
     futures: dict[str, list[tuple[int, int, Any, bool]]] = {k: [] for k in keys}
     failures: dict[tuple[int, int], int] = {}
@@ -556,12 +580,8 @@ def test_order_per_key_holds_with_delays_retries_and_replacements(
             t.start()
         for t in threads:
             t.join(TIMEOUT)
-    assert not overlaps
+    record.check(submitters=4)
     for key in keys:
-        # Each submitter's own tasks of a key ran in its submit order.
-        for who in range(4):
-            mine = [seq for w, seq in ran[key] if w == who]
-            assert mine == sorted(mine), (key, who)
         for who, seq, f, replace in futures[key]:
             assert f.done()
             if not replace:
@@ -576,9 +596,7 @@ def test_order_per_key_holds_with_delays_retries_and_replacements(
     assert stats.retries == sum(failures.values())
 
 
-@pytest.mark.usefixtures("fast_switching")
-@pytest.mark.parametrize("round_", range(ROUNDS))
-@pytest.mark.parametrize("routing", ["affinity", "hash"])
+@stress
 def test_shutdown_without_wait_cancelling_mid_stream_resolves_every_task(
     routing: str, round_: int
 ) -> None:
@@ -590,27 +608,11 @@ def test_shutdown_without_wait_cancelling_mid_stream_resolves_every_task(
     of a key that ran, ran in its submit order.
     """
     keys = [f"k{i}" for i in range(5)]
-    lock = threading.Lock()
-    ran: dict[str, list[tuple[int, int]]] = {k: [] for k in keys}
-    active = dict.fromkeys(keys, 0)
-    overlaps: list[str] = []
+    record = PerKey(keys)
+    lock = record.lock
     futures: list[Any] = []
     policy = RetryPolicy(attempts=3, backoff=0.0002)
     go = threading.Barrier(5)
-
-    def call(key: str, who: int, seq: int, calls: list[int]) -> None:
-        with lock:
-            active[key] += 1
-            overlaps.extend([key] if active[key] > 1 else [])
-        try:
-            calls[0] += 1
-            if seq % 3 == 0 and calls[0] == 1:
-                raise ValueError("retry me")
-            with lock:
-                ran[key].append((who, seq))
-        finally:
-            with lock:
-                active[key] -= 1
 
     pool = KeyedPoolExecutor(3, routing=routing)
 
@@ -619,7 +621,9 @@ def test_shutdown_without_wait_cancelling_mid_stream_resolves_every_task(
         for seq in range(300):
             key = keys[(seq + who) % len(keys)]
             try:
-                future = pool.submit_with(key, call, (key, who, seq, [0]), retry=policy)
+                fail = 1 if seq % 3 == 0 else 0  # every third task fails once
+                future = pool.submit_with(key, record.call, (key, who, seq, fail, [0]),
+                                          retry=policy)
             except RuntimeError:
                 return  # shut down
             with lock:
@@ -636,11 +640,7 @@ def test_shutdown_without_wait_cancelling_mid_stream_resolves_every_task(
     done, not_done = wait(futures, timeout=TIMEOUT)
     assert not not_done
     pool.shutdown(wait=True)
-    assert not overlaps
-    for key in keys:
-        for who in range(4):
-            mine = [seq for w, seq in ran[key] if w == who]
-            assert mine == sorted(mine), (key, who)
+    record.check(submitters=4)
     assert all(f.cancelled() or f.result(0) is None for f in futures)
     stats = pool.stats()
     assert stats.pending == 0
