@@ -4,7 +4,8 @@ A keyed task goes on the queue of a worker. With ``routing="affinity"`` (the
 default, the ``Affinity`` class below): the worker its key already has tasks
 on, else a free or lightly loaded one; and now and then the dispatcher takes
 back tasks that have not started from a worker that seems stuck, or has far
-more queued than the others, and routes them again. With ``routing="hash"``:
+more queued than the others, and routes them again, or moves some to a worker
+that ran out of work. With ``routing="hash"``:
 always the worker its key hashes to (see ``_routing``). An unkeyed task goes on
 the unkeyed queue, and a sleeping worker is woken to take it (submit starts a
 new worker when none is free, as ThreadPoolExecutor does).
@@ -47,6 +48,15 @@ TIMER_SLACK = 0.001
 #: a floor, and a multiple of what the other running workers have on average.
 OVERLOADED = (16, 4.0)
 
+#: A worker that ran out of work asks the dispatcher to move to it some of the
+#: tasks that wait on the busiest workers (``Affinity.balance``): at most once
+#: per this many seconds, so that a flood of short tasks pays for few of them.
+BALANCE_EVERY = 0.002
+#: ...and only from a worker with at most this many tasks waiting: taking some
+#: of a long queue apart costs more than it saves when the tasks are short, and
+#: a worker with far more queued than the others is relieved anyway (OVERLOADED).
+BALANCE_MAX = 128
+
 __all__ = ["Affinity", "dispatch", "place"]
 
 
@@ -70,13 +80,15 @@ def dispatch(pool: Pool) -> None:
             due += TIMER_SLACK
             if timeout is None or due < timeout:
                 timeout = due
-        tasks, planned, returns, closed, closing_now = pool.take_inbox(
+        tasks, planned, returns, closed, closing_now, balance = pool.take_inbox(
             timeout, holds.busy(), closing
         )
         try:
             if affinity is not None:
                 # First, so that tasks taken back go before newer ones of their key.
                 affinity.rescue()
+                if balance or affinity.asked:
+                    affinity.balance()
             if not (planned or returns or holds.busy()):
                 ready = tasks  # the common case: nothing held, nothing planned
             else:
@@ -188,6 +200,8 @@ class Affinity:
         #: key -> where its last task went: ``mark * workers + index``, for the
         #: worker's index and its ``sent`` count just after that task (one int
         #: rather than a pair: no object for the garbage collector per key).
+        #: Once a balance took tasks of other keys back from that worker, a
+        #: mark may be past its ``sent``: it then stands for all of ``sent``.
         self.bound: dict[Key, int] = {}
         #: Workers whose thread could not start: never chosen again.
         self.dead: set[int] = set()
@@ -205,12 +219,81 @@ class Affinity:
         self.progress = [0.0] * count
         #: When ``rescue`` last looked for stuck workers.
         self.looked = 0.0
+        #: Whether we set the pool's ``balance_hint`` since a worker last
+        #: cleared it (by asking for a balance); whether a balance was asked
+        #: for and is not due yet (see BALANCE_EVERY), and when the last one ran.
+        self.hinted = False
+        self.asked = False
+        self.balanced = 0.0
 
     def next_look(self) -> float | None:
         """How long the dispatcher may wait for tasks before it looks for stuck workers."""
+        timeout = None
         if any(sent > seen for sent, seen in zip(self.sent, self.seen, strict=True)):
-            return STALLED / 2  # some worker has (or had, when last seen) work
-        return None
+            timeout = STALLED / 2  # some worker has (or had, when last seen) work
+        if self.asked:
+            due = max(0.0, self.balanced + BALANCE_EVERY - monotonic())
+            timeout = due if timeout is None else min(timeout, due)
+        return timeout
+
+    def balance(self) -> None:
+        """A worker ran out of work: move to it some of what waits on the busiest workers.
+
+        The end of a burst: each key's tasks stay on one worker, and keys have
+        more or fewer tasks, so some workers run out of work while others still
+        have a queue. Each idle worker takes about half of what waits on one
+        of the busiest workers (whole keys, those queued last; never the
+        running task's key), so every worker finishes at about the same time.
+        At most once per ``BALANCE_EVERY`` seconds: a balance asked for sooner
+        waits until then.
+        """
+        self.hinted = False  # the worker that asked cleared the pool's hint
+        now = monotonic()
+        if now - self.balanced < BALANCE_EVERY:
+            self.asked = True  # next_look wakes the dispatcher when it is due
+            return
+        self.asked = False
+        self.balanced = self.now = now
+        self.finished = [-1] * len(self.sent)
+        pool = self.pool
+        idle = pool.idle_workers()
+        if not idle:
+            return  # (the one that asked got work since)
+        busy = [w.index for w in pool.started_workers() if w.index not in idle]
+        backlog = {i: self.sent[i] - self._finished(i) for i in busy}
+        busy.sort(key=backlog.__getitem__, reverse=True)
+        count = len(self.sent)
+        bound = self.bound
+        moved = 0
+        sources = [i for i in busy if backlog[i] - 1 <= BALANCE_MAX]
+        for target, source in zip(idle, sources, strict=False):
+            waiting = backlog[source] - 1  # (the first one runs)
+            if waiting < 1:
+                break
+            back = pool.take_back(pool.workers[source], max(1, waiting // 2))
+            if not back:
+                continue
+            self.sent[source] -= len(back)
+            moved += len({task.key for task in back})
+            for task in back:
+                mark = self.sent[target] = self.sent[target] + 1
+                bound[task.key] = mark * count + target  # type: ignore[index]
+                task.worker = target
+            self.progress[target] = now  # it had nothing to do until now
+            pool.give(pool.workers[target], back)
+        if moved:
+            # (The keys left on a source keep their marks, which may now be
+            # past what is routed there: place() reads them as "all of it".)
+            pool.moved(moved)
+        # Ask again at the next worker that runs out of work while some
+        # worker still has tasks waiting.
+        if any(self.sent[i] - self._finished(i) > 1 for i in busy):
+            self._hint()
+
+    def _hint(self) -> None:
+        if not self.hinted:
+            self.hinted = True
+            self.pool.hint_balance()
 
     def rescue(self) -> None:
         """Move the keys queued behind a stuck task, or on an overloaded worker, elsewhere.
@@ -279,6 +362,7 @@ class Affinity:
         moves = moved
         count = len(sent)
         finished = self.finished
+        behind = False  # whether some task was queued behind another
         for task in tasks:
             key = task.key
             if key is None:
@@ -292,8 +376,10 @@ class Affinity:
                 if done < 0:
                     done = self._finished(index)
                 # done < the key's mark (see bound): it still has tasks there, so
-                # this one goes after them (the common case in a flood).
-                busy = done * count + index < entry
+                # this one goes after them (the common case in a flood). A mark
+                # past what is routed there now (a balance took tasks back since)
+                # stands for all of it.
+                busy = done * count + index < min(entry, sent[index] * count + index)
                 if not busy and sent[index] != done:
                     # Nothing of the key is left there: it may go anywhere. (If
                     # that worker has nothing left at all, it is as free as any
@@ -303,7 +389,9 @@ class Affinity:
                         moves += 1
             else:
                 index = self._choose(key)
-            if not busy:
+            if busy:
+                behind = True
+            else:
                 if index < 0:
                     _fail(pool, [task])
                     continue
@@ -312,6 +400,8 @@ class Affinity:
                     done = self._finished(index)
                 if sent[index] == done:
                     self.progress[index] = self.now  # it had nothing to do until now
+                else:
+                    behind = True
             mark = sent[index] = sent[index] + 1
             bound[key] = mark * count + index
             group = own.get(index)
@@ -322,6 +412,8 @@ class Affinity:
         if len(bound) > self.sweep_at:
             self._sweep()
         _give_all(pool, own, loose, moves)
+        if behind:
+            self._hint()  # a worker that runs out of work may take some of it
 
     def _finished(self, index: int) -> int:
         done = self.finished[index]
@@ -399,7 +491,12 @@ class Affinity:
         self.finished = [-1] * len(self.sent)
         bound = self.bound
         count = len(self.sent)
-        free = [k for k, entry in bound.items() if self._finished(entry % count) >= entry // count]
+        sent = self.sent
+        free = [
+            k
+            for k, entry in bound.items()
+            if self._finished(entry % count) >= min(entry // count, sent[entry % count])
+        ]
         for key in free:
             del bound[key]
         self.sweep_at = max(1024, 2 * len(bound))

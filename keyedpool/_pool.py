@@ -218,6 +218,10 @@ class Pool:
         #: Submits waiting for room, longest waiting first (see admit and
         #: Worker.room_wanted).
         self.room_waiters: deque[RoomWaiter] = deque()
+        #: Set by a worker that ran out of work while ``balance_hint`` was set:
+        #: the dispatcher is to look for queued tasks to move to the idle
+        #: workers (``_dispatcher.Affinity.balance``). ``take_inbox`` returns for it.
+        self.balance_wanted = False
         #: True while the dispatcher waits on ``inbox_ready``, and until when
         #: (``time.monotonic()``; ``inf`` without a timeout).
         self.dispatcher_waiting = False
@@ -248,6 +252,11 @@ class Pool:
         #: used as an ordered set). A worker is in it exactly when its ``idle``
         #: flag is set.
         self.idle: dict[Worker, None] = {}
+        #: Set by the dispatcher (routing="affinity") when it queued tasks
+        #: behind others; the first worker to run out of work after that clears
+        #: it and wakes the dispatcher (``balance_wanted``): one wake-up per
+        #: hint, not one per worker that goes idle.
+        self.balance_hint = False
         # -- owner: the dispatcher thread ----------------------------------------
         #: Workers whose thread could not start, and the running worker that
         #: takes their tasks instead (for the life of the pool).
@@ -547,7 +556,7 @@ class Pool:
 
     def take_inbox(
         self, timeout: float | None = None, busy: bool = False, closing: str | None = None
-    ) -> tuple[list[Task], bool, list[Task], bool, str | None]:
+    ) -> tuple[list[Task], bool, list[Task], bool, str | None, bool]:
         """Wait for accepted or handed-back tasks and take them all; say whether to stop.
 
         With a *timeout*, the lists are empty if nothing came within it.
@@ -556,7 +565,8 @@ class Pool:
         last saw the pool closing; a change wakes it too. Returns the tasks,
         whether any of them has a plan (``submit_with``'s delay, retry or
         replace), the tasks handed back, whether the pool is closed (then
-        nothing new comes after these), and how it closes.
+        nothing new comes after these), how it closes, and whether a worker
+        that ran out of work asked for a balance (see ``balance_hint``).
         """
         with self.lock:
             while (
@@ -564,6 +574,7 @@ class Pool:
                 and not self.returns
                 and (busy or not self.closed)
                 and self.closing == closing
+                and not self.balance_wanted
             ):
                 self.dispatcher_waiting = True
                 self.dispatcher_wakes_at = math.inf if timeout is None else monotonic() + timeout
@@ -576,8 +587,9 @@ class Pool:
             self.routing = len(tasks)
             self.unkeyed_in_inbox = 0
             planned, self.planned_in_inbox = self.planned_in_inbox > 0, 0
+            balance, self.balance_wanted = self.balance_wanted, False
             # Submit refuses new tasks once closed: nothing can come after these.
-            return tasks, planned, returns, self.closed, self.closing
+            return tasks, planned, returns, self.closed, self.closing, balance
 
     def hand_back(self, task: Task, retry_at: float = 0.0) -> None:
         """Give the dispatcher back a task it holds the key of (see ``_holds``).
@@ -605,6 +617,11 @@ class Pool:
             self.routing = 0
             self.key_moves += moves
 
+    def moved(self, moves: int) -> None:
+        """The dispatcher moved *moves* keys' queued tasks to another worker (for stats())."""
+        with self.lock:
+            self.key_moves += moves
+
     def held(self, parked: int, held: dict[Key, Any]) -> None:
         """What the dispatcher holds now (see ``_holds``), for stats()."""
         waiting = sum(len(tasks) for tasks in held.values())
@@ -619,7 +636,7 @@ class Pool:
         with worker.lock:
             return worker.finished
 
-    def take_back(self, worker: Worker) -> list[Task]:
+    def take_back(self, worker: Worker, want: int = 0) -> list[Task]:
         """Take back what *worker* has queued and not started, except its running key's tasks.
 
         For the dispatcher (routing="affinity"), when the worker seems stuck on
@@ -627,23 +644,42 @@ class Pool:
         tasks on the worker are taken, in their order, so the key keeps its
         order wherever it goes next. Under the worker's lock, where it claims
         each task before it starts it (``Worker.advance``).
+
+        With *want*, only some keys: those whose last task is queued last
+        (they would wait longest), until at least *want* tasks are taken.
         """
-        taken: list[Task] = []
         with worker.lock:
             claimed = worker.claimed
             keep = claimed.key if claimed is not None else None
             start = worker.claimed_at + 1
-            for batch, first in [(worker.batch, start), *((b, 0) for b in worker.batches)]:
-                for i in range(first, len(batch)):
-                    task = batch[i]
-                    if task is not None and (keep is None or task.key != keep):
-                        # Not started, and the worker starts only what it
-                        # finds here under this lock: it will skip the slot.
-                        batch[i] = None  # type: ignore[call-overload]
-                        task.worker = None
-                        taken.append(task)
+            slots = [
+                (batch, i)
+                for batch, first in [(worker.batch, start), *((b, 0) for b in worker.batches)]
+                for i in range(first, len(batch))
+                if batch[i] is not None and (keep is None or batch[i].key != keep)
+            ]
+            if want and len(slots) > want:
+                slots = _keys_queued_last(slots, want)
+            taken: list[Task] = []
+            for batch, i in slots:
+                task = batch[i]
+                # Not started, and the worker starts only what it finds here
+                # under this lock: it will skip the slot.
+                batch[i] = None  # type: ignore[call-overload]
+                task.worker = None
+                taken.append(task)
             worker.routed -= len(taken)
         return taken
+
+    def idle_workers(self) -> list[int]:
+        """The started workers asleep on an empty queue, longest asleep first."""
+        with self.unkeyed_lock:
+            return [worker.index for worker in self.idle]
+
+    def hint_balance(self) -> None:
+        """Have the next worker that runs out of work wake the dispatcher (see ``balance_hint``)."""
+        with self.unkeyed_lock:
+            self.balance_hint = True
 
     def free_workers(self) -> list[int]:
         """Workers free for a key, in pop() order: idle ones (latest first), then unstarted.
@@ -793,10 +829,14 @@ class Pool:
                 return self.unkeyed.popleft()
             except IndexError:
                 pass
-            if worker is not None and worker.queue.empty():
-                worker.idle = True
-                self.idle[worker] = None
-            return None
+            if worker is None or not worker.queue.empty():
+                return None
+            worker.idle = True
+            self.idle[worker] = None
+            ask, self.balance_hint = self.balance_hint, False
+        if ask:
+            self._ask_balance()
+        return None
 
     def rest(self, worker: Worker) -> bool:
         """Put *worker* in the idle set now if it has nothing to do; say whether it did.
@@ -811,7 +851,20 @@ class Pool:
                 return False
             worker.idle = True
             self.idle[worker] = None
-            return True
+            ask, self.balance_hint = self.balance_hint, False
+        if ask:
+            self._ask_balance()
+        return True
+
+    def _ask_balance(self) -> None:
+        # A worker ran out of work while others had tasks queued behind
+        # others: the dispatcher may move some of them to it (and to any other
+        # idle worker). Outside unkeyed_lock: the pool's lock comes first.
+        with self.lock:
+            self.balance_wanted = True
+            if self.dispatcher_waiting:
+                self.inbox_ready.notify()
+                self.dispatcher_waiting = False
 
     def set_broken(self, reason: str) -> None:
         with self.lock:
@@ -891,6 +944,25 @@ class Pool:
     def after_fork_in_child(self) -> None:
         """In a forked child: the parent's tasks are the parent's; start afresh."""
         self._fresh()
+
+
+def _keys_queued_last(
+    slots: list[tuple[list[Task], int]], want: int
+) -> list[tuple[list[Task], int]]:
+    # The slots of the keys whose last task is queued last, until at least
+    # *want*: all of each chosen key's tasks, in their order.
+    count: dict[Key | None, int] = {}
+    for batch, i in reversed(slots):
+        key = batch[i].key
+        count[key] = count.get(key, 0) + 1  # (inserted in the order we want)
+    chosen: set[Key | None] = set()
+    total = 0
+    for key, tasks in count.items():
+        chosen.add(key)
+        total += tasks
+        if total >= want:
+            break
+    return [(batch, i) for batch, i in slots if batch[i].key in chosen]
 
 
 def _dispatch(pool: Pool) -> None:

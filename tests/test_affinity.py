@@ -87,6 +87,50 @@ def test_keys_queued_behind_a_task_that_gets_stuck_move_to_other_workers() -> No
     assert sum(map(len, order.values())) == 400
 
 
+def test_a_worker_that_runs_out_of_work_takes_keys_queued_on_a_busy_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The end of a burst: keys stay with their worker while they have tasks
+    # there, so one worker can be left with a queue while another has none.
+    # The idle one is given some of that queue at once. (The stuck-worker
+    # rescue is switched off here, so nothing else can move those keys.)
+    monkeypatch.setattr(keyedpool._dispatcher, "STALLED", 1e9)
+    release_long, release_short = threading.Event(), threading.Event()
+    long_started, short_started = threading.Event(), threading.Event()
+
+    def hold(started: threading.Event, release: threading.Event) -> bool:
+        started.set()
+        return release.wait(2 * TIMEOUT)  # longer than the wait below
+
+    order: dict[str, list[int]] = {}
+    lock = threading.Lock()
+
+    def note(key: str, i: int) -> None:
+        with lock:
+            order.setdefault(key, []).append(i)
+
+    with KeyedPoolExecutor(2, routing="affinity") as pool:
+        long = pool.submit("long", hold, long_started, release_long)
+        assert long_started.wait(TIMEOUT)
+        short = pool.submit("short", hold, short_started, release_short)
+        assert short_started.wait(TIMEOUT)
+        try:
+            # Both workers are busy: these keys go to the one with less queued,
+            # so about half of them wait behind "long".
+            others = [pool.submit(f"k{i % 10}", note, f"k{i % 10}", i) for i in range(40)]
+            release_short.set()
+            done, not_done = wait(others, timeout=TIMEOUT)
+            assert not not_done, f"{len(not_done)} tasks waited behind the long task"
+            assert not long.done()
+            assert pool.stats().key_moves > 0
+        finally:
+            release_long.set()
+        assert long.result(TIMEOUT) is True and short.result(TIMEOUT) is True
+    for key, seen in order.items():
+        assert seen == sorted(seen), f"{key} ran out of order: {seen}"
+    assert sum(map(len, order.values())) == 40
+
+
 def test_keys_with_nothing_queued_go_to_free_workers() -> None:
     # One task per key at a time: each key is free again before its next
     # task, so the work spreads over every worker instead of by hash.
@@ -180,6 +224,14 @@ class _Pool:
         self.queued: list[list[_Task]] = [[] for _ in range(workers)]
         self.finished = [0] * workers
         self.moves = 0
+        self.idle: list[int] = []  # workers asleep on an empty queue
+        self.hints = 0  # calls of hint_balance
+
+    def idle_workers(self) -> list[int]:
+        return list(self.idle)
+
+    def hint_balance(self) -> None:
+        self.hints += 1
 
     def started_workers(self) -> list[_Worker]:
         return list(self.workers)
@@ -199,11 +251,23 @@ class _Pool:
     def routed(self, moves: int) -> None:
         self.moves += moves
 
-    def take_back(self, worker: _Worker) -> list[_Task]:
-        # The first unfinished task runs; take the rest that are not of its key.
+    def moved(self, moves: int) -> None:
+        self.moves += moves
+
+    def take_back(self, worker: _Worker, want: int = 0) -> list[_Task]:
+        # The first unfinished task runs; take the rest that are not of its
+        # key (with want: the keys queued last, until at least want tasks).
         queue = self.queued[worker.index][self.finished[worker.index] :]
         running = queue[0].key if queue else None
         taken = [t for t in queue[1:] if t.key != running]
+        if want and len(taken) > want:
+            chosen: list[str | None] = []
+            for task in reversed(taken):
+                if task.key not in chosen:
+                    chosen.append(task.key)
+                    if sum(t.key in chosen for t in taken) >= want:
+                        break
+            taken = [t for t in taken if t.key in chosen]
         self.queued[worker.index] = self.queued[worker.index][: self.finished[worker.index]] + [
             t for t in queue if t not in taken
         ]
@@ -221,6 +285,21 @@ def _others_finish(pool: _Pool, home: int) -> None:
     for i, queue in enumerate(pool.queued):
         if i != home:
             pool.finished[i] = len(queue)
+
+
+def _crowded(
+    workers: int, now: list[float], monkeypatch: pytest.MonkeyPatch, crowd: list[_Task]
+) -> tuple[Any, _Pool, int]:
+    # One worker runs "hot" with *crowd* (tasks of other keys) queued behind
+    # it, as when they were routed while it looked idle; returns its index too.
+    affinity, pool = _affinity(workers, now, monkeypatch)
+    affinity.place([_Task("hot")])
+    (home,) = _where(pool, "hot")
+    pool.give(pool.workers[home], crowd)  # type: ignore[arg-type]
+    affinity.sent[home] += len(crowd)
+    for task in crowd:
+        affinity.bound[task.key] = affinity.sent[home] * workers + home
+    return affinity, pool, home
 
 
 def _where(pool: _Pool, key: str) -> set[int]:
@@ -254,16 +333,10 @@ def test_policy_an_overloaded_worker_sheds_its_other_keys(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     now = [100.0]
-    affinity, pool = _affinity(8, now, monkeypatch)
-    affinity.place([_Task("hot")])
-    (home,) = _where(pool, "hot")
-    # The hot key's worker gets 30 more tasks of other keys queued behind it
-    # (as when they were routed while it looked idle), the rest one each.
+    # The hot key's worker has 30 tasks of other keys queued behind it, the
+    # others one task each.
     crowd = [_Task(f"c{i}") for i in range(30)]
-    pool.give(pool.workers[home], crowd)  # type: ignore[arg-type]
-    affinity.sent[home] += len(crowd)
-    for task in crowd:
-        affinity.bound[task.key] = affinity.sent[home] * 8 + home
+    affinity, pool, home = _crowded(8, now, monkeypatch, crowd)
     for i in range(8):
         if i != home:
             affinity.place([_Task(f"solo{i}")])
@@ -278,6 +351,63 @@ def test_policy_an_overloaded_worker_sheds_its_other_keys(
     for task in crowd:
         assert task.key is not None and len(_where(pool, task.key)) == 1
     assert sum(len(q) for q in pool.queued) == 1 + 30 + 7  # nothing lost or doubled
+
+
+def test_policy_a_worker_that_ran_out_of_work_gets_half_of_the_busiest_queue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    # Twelve tasks of six keys queued behind "hot", the other workers idle.
+    crowd = [_Task(f"c{i % 6}") for i in range(12)]
+    affinity, pool, home = _crowded(4, now, monkeypatch, crowd)
+    assert pool.hints == 0
+    affinity.place([_Task("hot")])
+    assert pool.hints == 1  # a task queued behind others: a worker may ask
+    pool.idle = [i for i in range(4) if i != home]
+    affinity.balance()
+    target = pool.idle[0]
+    # Half of the 12 waiting of other keys: whole keys, those queued last
+    # (never the running key), in their order.
+    assert [t.key for t in pool.queued[target]] == ["c3", "c4", "c5"] * 2
+    assert [t.key for t in pool.queued[home]] == ["hot", *["c0", "c1", "c2"] * 2, "hot"]
+    assert all(affinity.bound[f"c{i}"] % 4 == target for i in (3, 4, 5))
+    assert pool.moves == 3
+    assert sum(len(q) for q in pool.queued) == 14  # nothing lost or doubled
+    assert pool.hints == 2  # some still wait: the next worker to run out asks again
+    # Asked again at once: it waits until BALANCE_EVERY has passed.
+    affinity.balance()
+    assert len(pool.queued[target]) == 6 and affinity.asked
+    assert affinity.next_look() <= keyedpool._dispatcher.BALANCE_EVERY
+    now[0] += 2 * keyedpool._dispatcher.BALANCE_EVERY
+    pool.idle = [i for i in range(4) if i not in (home, target)]
+    affinity.balance()
+    assert not affinity.asked
+    assert sum(len(q) for q in pool.queued) == 14
+    assert len(pool.queued[home]) < 8 and len(pool.queued[target]) < 12
+    # The keys left on the busiest worker kept marks past what is routed
+    # there now: once every worker has run what it has, they are free anyway.
+    assert any(affinity.bound[k] // 4 > affinity.sent[home] for k in ("c0", "c1", "c2"))
+    pool.finished = [len(q) for q in pool.queued]
+    affinity._sweep()
+    assert affinity.bound == {}
+
+
+def test_policy_a_long_queue_is_left_to_the_overload_rule(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Taking half of a long queue apart is not worth it for short tasks; a
+    # worker with far more queued than the others is relieved by rescue().
+    monkeypatch.setattr(keyedpool._dispatcher, "BALANCE_MAX", 11)
+    now = [100.0]
+    crowd = [_Task(f"c{i % 6}") for i in range(12)]
+    affinity, pool, home = _crowded(2, now, monkeypatch, crowd)
+    pool.idle = [1 - home]
+    affinity.balance()
+    assert len(pool.queued[home]) == 13 and pool.moves == 0
+    monkeypatch.setattr(keyedpool._dispatcher, "BALANCE_MAX", 12)
+    now[0] += 2 * keyedpool._dispatcher.BALANCE_EVERY
+    affinity.balance()
+    assert len(pool.queued[home]) == 7 and pool.moves == 3
 
 
 @pytest.mark.parametrize("workers", [1, 3])

@@ -33,21 +33,29 @@ pytestmark = pytest.mark.usefixtures("fast_switching")
 #: "affinity-rescue": affinity routing where a worker seems stuck after 2 ms
 #: without finishing a task, so the dispatcher keeps taking queued tasks back
 #: from workers while they claim them (see Pool.take_back).
-ROUTINGS = ["hash", "affinity", "affinity-rescue"]
+#: "affinity-balance": every worker that runs out of work has some of the
+#: busiest workers' queued tasks moved to it at once (no pause between two
+#: balances), racing the workers that claim them.
+ROUTINGS = ["hash", "affinity", "affinity-rescue", "affinity-balance"]
 
 
-#: How many tasks each take-back moved, over the whole module.
+#: How many tasks each take-back moved, over the whole module: all of a
+#: worker's other keys (a rescue), or some of them (a balance).
 TAKEN_BACK: list[int] = []
+BALANCED: list[int] = []
 
 
 def _routing(name: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    if name == "affinity-rescue":
-        monkeypatch.setattr(keyedpool._dispatcher, "STALLED", 0.002)
+    if name in ("affinity-rescue", "affinity-balance"):
+        if name == "affinity-rescue":
+            monkeypatch.setattr(keyedpool._dispatcher, "STALLED", 0.002)
+        else:
+            monkeypatch.setattr(keyedpool._dispatcher, "BALANCE_EVERY", 0.0)
         take_back = Pool.take_back
 
-        def counted(self: Pool, worker: Any) -> Any:
-            taken = take_back(self, worker)
-            TAKEN_BACK.append(len(taken))
+        def counted(self: Pool, worker: Any, want: int = 0) -> Any:
+            taken = take_back(self, worker, want)
+            (BALANCED if want else TAKEN_BACK).append(len(taken))
             return taken
 
         monkeypatch.setattr(Pool, "take_back", counted)
@@ -163,8 +171,10 @@ def test_stress(shape: str, routing: str, monkeypatch: pytest.MonkeyPatch) -> No
         _round(**SHAPES[shape], routing=routing)  # type: ignore[arg-type]
 
 
-def test_the_rescue_runs_took_tasks_back() -> None:
+def test_the_rescue_and_balance_runs_took_tasks_back() -> None:
     # Runs after the stress tests above (pytest keeps the file's order): the
-    # "affinity-rescue" rounds must really have moved tasks, or they tested nothing.
+    # "affinity-rescue" and "affinity-balance" rounds must really have moved
+    # tasks, or they tested nothing.
     if ROUNDS:
         assert sum(TAKEN_BACK) > 0, f"{len(TAKEN_BACK)} take-backs, none took a task"
+        assert sum(BALANCED) > 0, f"{len(BALANCED)} balances, none moved a task"
