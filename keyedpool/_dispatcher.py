@@ -88,7 +88,11 @@ def dispatch(pool: Pool) -> None:
                 # First, so that tasks taken back go before newer ones of their key.
                 affinity.rescue()
                 if balance or affinity.asked:
-                    affinity.balance()
+                    if closing_now == "cancel":
+                        # What waits is being cancelled: nothing to spread.
+                        affinity.asked = False
+                    else:
+                        affinity.balance()
             if not (planned or returns or holds.busy()):
                 ready = tasks  # the common case: nothing held, nothing planned
             else:
@@ -225,6 +229,10 @@ class Affinity:
         self.hinted = False
         self.asked = False
         self.balanced = 0.0
+        #: Per worker: its ``sent`` count when a balance found only its running
+        #: key's tasks waiting there (-1: never). Until more is routed there,
+        #: nothing on it can move, so a balance does not look again.
+        self.unmovable = [-1] * count
 
     def next_look(self) -> float | None:
         """How long the dispatcher may wait for tasks before it looks for stuck workers."""
@@ -256,27 +264,37 @@ class Affinity:
         self.balanced = self.now = now
         self.finished = [-1] * len(self.sent)
         pool = self.pool
+        sent = self.sent
+        # Tasks waiting behind the running one, on the workers where some of
+        # them may be of another key (see ``unmovable``).
+        waiting = {
+            w.index: sent[w.index] - self._finished(w.index) - 1
+            for w in pool.started_workers()
+            if self.unmovable[w.index] != sent[w.index]
+        }
+        sources = sorted((i for i, n in waiting.items() if n > 0), key=waiting.__getitem__)
+        if not sources:
+            return
+        # Before looking for idle workers: one that runs out of work from now
+        # on asks again (at worst once for nothing).
+        self._hint()
         idle = pool.idle_workers()
-        if not idle:
-            return  # (the one that asked got work since)
-        busy = [w.index for w in pool.started_workers() if w.index not in idle]
-        backlog = {i: self.sent[i] - self._finished(i) for i in busy}
-        busy.sort(key=backlog.__getitem__, reverse=True)
-        count = len(self.sent)
+        count = len(sent)
         bound = self.bound
         moved = 0
-        sources = [i for i in busy if backlog[i] - 1 <= BALANCE_MAX]
-        for target, source in zip(idle, sources, strict=False):
-            waiting = backlog[source] - 1  # (the first one runs)
-            if waiting < 1:
-                break
-            back = pool.take_back(pool.workers[source], max(1, waiting // 2))
-            if not back:
+        while idle and sources:
+            source = sources.pop()  # the busiest left
+            if source in idle or waiting[source] > BALANCE_MAX:
                 continue
-            self.sent[source] -= len(back)
+            back = pool.take_back(pool.workers[source], max(1, waiting[source] // 2))
+            if not back:
+                self.unmovable[source] = sent[source]  # all of the running key
+                continue
+            target = idle.pop(0)
+            sent[source] -= len(back)
             moved += len({task.key for task in back})
             for task in back:
-                mark = self.sent[target] = self.sent[target] + 1
+                mark = sent[target] = sent[target] + 1
                 bound[task.key] = mark * count + target  # type: ignore[index]
                 task.worker = target
             self.progress[target] = now  # it had nothing to do until now
@@ -285,10 +303,6 @@ class Affinity:
             # (The keys left on a source keep their marks, which may now be
             # past what is routed there: place() reads them as "all of it".)
             pool.moved(moved)
-        # Ask again at the next worker that runs out of work while some
-        # worker still has tasks waiting.
-        if any(self.sent[i] - self._finished(i) > 1 for i in busy):
-            self._hint()
 
     def _hint(self) -> None:
         if not self.hinted:

@@ -17,7 +17,9 @@ Who owns what (every piece of shared state has one owner):
   dispatcher starts the worker a key routes to).
 * ``unkeyed_lock``: the unkeyed queue and the idle workers. A worker decides
   "help with unkeyed work, or sleep" under it, and the dispatcher hands out
-  unkeyed work and wakes sleepers under it, so no wake-up is ever lost.
+  unkeyed work and wakes sleepers under it, so no wake-up is ever lost. Also
+  ``balance_hint``: a worker that goes idle reads and clears it there, and
+  then asks the dispatcher for a balance (``balance_wanted``, under ``lock``).
 * Each worker's ``lock``: that worker's counters (routed, finished, completed,
   failed, cancelled) and its ``room_wanted`` flag. Pending = submitted - done,
   with done summed over the workers; submit adds them up only when a cheap
@@ -672,8 +674,14 @@ class Pool:
         return taken
 
     def idle_workers(self) -> list[int]:
-        """The started workers asleep on an empty queue, longest asleep first."""
-        with self.unkeyed_lock:
+        """The started workers asleep on an empty queue, longest asleep first.
+
+        Under the pool's lock too: a worker being started for an unkeyed task
+        is in the idle set while ``start_worker`` (under that lock) starts its
+        thread, and leaves it if the start fails; work moved to it then would
+        never run.
+        """
+        with self.lock, self.unkeyed_lock:
             return [worker.index for worker in self.idle]
 
     def hint_balance(self) -> None:
@@ -685,9 +693,10 @@ class Pool:
         """Workers free for a key, in pop() order: idle ones (latest first), then unstarted.
 
         Read by the dispatcher. (Whether a worker started is read without the
-        pool's lock; ``start_for_keyed`` checks again under it.)
+        pool's lock; ``start_for_keyed`` checks again under it. The idle set is
+        read under it, as in ``idle_workers``.)
         """
-        with self.unkeyed_lock:
+        with self.lock, self.unkeyed_lock:
             idle = [worker.index for worker in self.idle]
         unstarted = [w.index for w in self.workers if w.thread is None]
         # The worker that became idle last is taken first: its thread is the

@@ -392,6 +392,45 @@ def test_policy_a_worker_that_ran_out_of_work_gets_half_of_the_busiest_queue(
     assert affinity.bound == {}
 
 
+def test_policy_keys_come_from_the_busiest_worker_whose_waiting_tasks_can_move(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The busiest worker has only its running key's tasks waiting (they cannot
+    # move); the next one has other keys behind its running task: those go.
+    now = [100.0]
+    affinity, pool, home = _crowded(3, now, monkeypatch, [_Task("hot") for _ in range(20)])
+    other, idle = [i for i in range(3) if i != home]
+    crowd = [_Task("slow")] + [_Task(f"c{i}") for i in range(6)]
+    pool.give(pool.workers[other], crowd)  # type: ignore[arg-type]
+    affinity.sent[other] += len(crowd)
+    for task in crowd:
+        affinity.bound[task.key] = affinity.sent[other] * 3 + other
+    scanned: list[int] = []
+    take_back = pool.take_back
+
+    def counted(worker: _Worker, want: int = 0) -> list[_Task]:
+        scanned.append(worker.index)
+        return take_back(worker, want)
+
+    monkeypatch.setattr(pool, "take_back", counted)
+    pool.idle = [idle]
+    hints = pool.hints
+    affinity.balance()
+    assert scanned == [home, other]
+    assert [t.key for t in pool.queued[idle]] == ["c3", "c4", "c5"]
+    assert pool.hints == hints + 1  # set before looking for idle workers
+    # Nothing was routed to the hot key's worker since: it is not looked at again.
+    pool.idle = []
+    now[0] += 2 * keyedpool._dispatcher.BALANCE_EVERY
+    affinity.balance()
+    assert scanned == [home, other]  # no idle worker: nothing taken...
+    assert pool.hints == hints + 2  # ...but the next worker to run out of work asks
+    pool.idle = [idle]
+    now[0] += 2 * keyedpool._dispatcher.BALANCE_EVERY
+    affinity.balance()
+    assert scanned == [home, other, other]
+
+
 def test_policy_a_long_queue_is_left_to_the_overload_rule(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -43,9 +43,12 @@ ROUTINGS = ["hash", "affinity", "affinity-rescue", "affinity-balance"]
 #: worker's other keys (a rescue), or some of them (a balance).
 TAKEN_BACK: list[int] = []
 BALANCED: list[int] = []
+#: The routings that ran in this module.
+RAN: set[str] = set()
 
 
 def _routing(name: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    RAN.add(name)
     if name in ("affinity-rescue", "affinity-balance"):
         if name == "affinity-rescue":
             monkeypatch.setattr(keyedpool._dispatcher, "STALLED", 0.002)
@@ -175,6 +178,7 @@ def test_the_rescue_and_balance_runs_took_tasks_back() -> None:
     # Runs after the stress tests above (pytest keeps the file's order): the
     # "affinity-rescue" and "affinity-balance" rounds must really have moved
     # tasks, or they tested nothing.
-    if ROUNDS:
+    if ROUNDS and "affinity-rescue" in RAN:
         assert sum(TAKEN_BACK) > 0, f"{len(TAKEN_BACK)} take-backs, none took a task"
+    if ROUNDS and "affinity-balance" in RAN:
         assert sum(BALANCED) > 0, f"{len(BALANCED)} balances, none moved a task"
