@@ -417,7 +417,8 @@ class KafkaConsumer(Consumer[_Delivery]):
         # revoke callback has nothing to wait for; a message fetched meanwhile is
         # dropped, uncommitted, for the partition's next owner.) The classic
         # protocol clears the member id once it has left the group; with KIP-848's
-        # (group.protocol=consumer, not tried here) only the assignment is awaited.
+        # (group.protocol=consumer) only the assignment is awaited (tested on
+        # librdkafka's mock cluster, which implements that protocol).
         now = time.monotonic()
         deadline = max(self._cut(now + self._revoke_timeout), now + self.options.poll_timeout)
         try:

@@ -3,10 +3,12 @@
 Run by test_kafka.py in a process of its own, so that a stop that hangs in
 librdkafka only fails that test (the process is killed). Usage::
 
-    python kafka_quick_stops.py ROUNDS
+    python kafka_quick_stops.py ROUNDS [PROTOCOL]
 
-Prints one line per round: how many rebalance callbacks ran during the stop,
-and how many of them ran inside librdkafka's ``close()``.
+PROTOCOL is the group protocol: ``classic`` (the default) or ``consumer``
+(the next-generation one, KIP-848). Prints one line per round: how many
+rebalance callbacks ran during the stop, and how many of them ran inside
+librdkafka's ``close()``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class WatchedConsumer(KafkaConsumer):
         self._consumer = self.client
 
 
-def one_round() -> tuple[int, int]:
+def one_round(protocol: str) -> tuple[int, int]:
     # A fresh cluster: its first group join ends about when a consumer started
     # at once is stopped, so the assignment often arrives during the stop.
     cluster = subprocess.Popen(
@@ -68,8 +70,12 @@ def one_round() -> tuple[int, int]:
         def callback(partitions: Any) -> None:
             inside_close.append(consumer.client.closing)
 
-        config = {"bootstrap.servers": bootstrap, "group.id": "quick",
-                  "session.timeout.ms": 3000, "heartbeat.interval.ms": 300, "log_level": 3}
+        config: dict[str, Any] = {"bootstrap.servers": bootstrap, "group.id": "quick",
+                                  "log_level": 3}
+        if protocol == "classic":
+            config.update({"session.timeout.ms": 3000, "heartbeat.interval.ms": 300})
+        else:  # (the broker sets these with the next-generation protocol)
+            config["group.protocol"] = protocol
         consumer = WatchedConsumer("t", lambda message: None, config=config,
                                    on_assign=callback, on_revoke=callback)
         with consumer:
@@ -82,4 +88,4 @@ def one_round() -> tuple[int, int]:
 
 if __name__ == "__main__":
     for _ in range(int(sys.argv[1])):
-        print(*one_round(), flush=True)
+        print(*one_round(sys.argv[2] if len(sys.argv) > 2 else "classic"), flush=True)

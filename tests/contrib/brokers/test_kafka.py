@@ -855,10 +855,15 @@ def test_stop_right_after_start_waits_for_the_consumer_to_close(kafka: MockKafka
         consumer.run()
 
 
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
 def test_a_rebalance_finishes_and_commits_revoked_messages_before_the_new_owner_starts(
-    kafka: MockKafka, capsys: Any
+    kafka: MockKafka, capsys: Any, protocol: str
 ) -> None:
-    topic, group = kafka.topic(4), "rebalance"
+    # protocol: the consumer group protocol, librdkafka's group.protocol:
+    # "classic" (with cooperative-sticky assignment, the default), or
+    # "consumer", the next-generation protocol (KIP-848), where the broker
+    # assigns and a leaving member has no member id to wait for.
+    topic, group = kafka.topic(4), f"rebalance-{protocol}"
     keys = [f"r{i}" for i in range(20)]
     produce(kafka, topic, rounds(keys, range(20)))
     lock = threading.Lock()
@@ -890,6 +895,10 @@ def test_a_rebalance_finishes_and_commits_revoked_messages_before_the_new_owner_
         gate.set()  # a's in-flight messages may finish now: the hand-over waits for them
 
     config = consumer_config(kafka, group)
+    if protocol == "consumer":
+        # (Session and heartbeat times are the broker's with this protocol.)
+        config = {"bootstrap.servers": kafka.bootstrap, "group.id": group,
+                  "group.protocol": "consumer", "log_level": 3}
     a = KafkaConsumer(
         topic,
         handler("a"),
@@ -935,7 +944,8 @@ def test_a_rebalance_finishes_and_commits_revoked_messages_before_the_new_owner_
     assert len(revoked_from_a[0]) == 2, revoked_from_a
     with capsys.disabled():
         print(
-            f"\n[kafka] rebalance hand-over: 400 messages, {in_flight_at_revoke[0]} in flight "
+            f"\n[kafka] rebalance hand-over ({protocol} protocol): 400 messages, "
+            f"{in_flight_at_revoke[0]} in flight "
             f"when a's partitions {sorted(revoked_from_a[0])} were revoked, "
             f"{duplicates} handled twice"
         )
@@ -1231,16 +1241,19 @@ def test_the_mock_cluster_in_this_process_makes_topics_of_4_partitions() -> None
         cluster.create_topic("three")
 
 
-def test_a_stop_that_meets_the_first_assignment_does_not_hang() -> None:
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+def test_a_stop_that_meets_the_first_assignment_does_not_hang(protocol: str) -> None:
     # librdkafka runs the rebalance callbacks of a closing consumer inside
     # close(); when the group's first assignment arrived during close() (in
     # about 1 of 5 such stops), the revoke callback's unassign could wait for
     # ever (1 in 10-20 stops on 3.14t). The consumer now leaves the group
-    # before close(), so that no callback runs inside it.
+    # before close(), so that no callback runs inside it; with the
+    # next-generation group protocol ("consumer") too, where leaving has no
+    # member id to wait for.
     # A process of its own: a hang there is killed, not left in this one.
     rounds = 20
     proc = subprocess.run(
-        [sys.executable, str(HERE / "kafka_quick_stops.py"), str(rounds)],
+        [sys.executable, str(HERE / "kafka_quick_stops.py"), str(rounds), protocol],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
