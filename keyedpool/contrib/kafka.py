@@ -417,8 +417,9 @@ class KafkaConsumer(Consumer[_Delivery]):
         # revoke callback has nothing to wait for; a message fetched meanwhile is
         # dropped, uncommitted, for the partition's next owner.) The classic
         # protocol clears the member id once it has left the group; with KIP-848's
-        # (group.protocol=consumer) only the assignment is awaited (tested on
-        # librdkafka's mock cluster, which implements that protocol).
+        # (group.protocol=consumer) only the assignment is awaited, so a stop
+        # while the first join is in flight may still meet that assignment in
+        # close() (seen on librdkafka's mock cluster; no hang seen there).
         now = time.monotonic()
         deadline = max(self._cut(now + self._revoke_timeout), now + self.options.poll_timeout)
         try:
