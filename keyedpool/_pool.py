@@ -840,9 +840,7 @@ class Pool:
                 pass
             if worker is None or not worker.queue.empty():
                 return None
-            worker.idle = True
-            self.idle[worker] = None
-            ask, self.balance_hint = self.balance_hint, False
+            ask = self._go_idle(worker)
         if ask:
             self._ask_balance()
         return None
@@ -858,12 +856,19 @@ class Pool:
         with self.unkeyed_lock:
             if self.unkeyed or not worker.queue.empty():
                 return False
-            worker.idle = True
-            self.idle[worker] = None
-            ask, self.balance_hint = self.balance_hint, False
+            ask = self._go_idle(worker)
         if ask:
             self._ask_balance()
         return True
+
+    def _go_idle(self, worker: Worker) -> bool:
+        # With unkeyed_lock held: *worker* has nothing to do and sleeps next.
+        # Whether it is to ask for a balance (see balance_hint) once it lets go
+        # of the lock.
+        worker.idle = True
+        self.idle[worker] = None
+        ask, self.balance_hint = self.balance_hint, False
+        return ask
 
     def _ask_balance(self) -> None:
         # A worker ran out of work while others had tasks queued behind
